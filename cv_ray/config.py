@@ -1,0 +1,188 @@
+"""The typed configuration tree behind `conf/` (Hydra structured configs).
+
+Each subsystem owns the dataclass of its own group (``cv_ray.<subsystem>.config``); this module
+composes them into :class:`Config`, registers the schema in Hydra's ConfigStore, and validates a
+whole tree before any actor starts. Components receive only their own sub-config.
+
+The YAML groups in ``conf/`` fill the schema; ``conf/config.yaml`` lists the defaults and
+``experiment=tiny_cpu`` is the default experiment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from cv_ray.data.config import DataConfig
+from cv_ray.errors import ConfigError
+from cv_ray.learner.config import LearnerConfig
+from cv_ray.reward.config import RewardConfig
+from cv_ray.rollout.config import RolloutConfig
+from cv_ray.sandbox.config import SandboxConfig
+
+STAGES = ("data", "sft", "rl", "eval", "pipeline")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "${trainer.work_dir}/tiny-qwen2_5_vl"
+    """A Hugging Face model directory (a real checkpoint, or the tiny model built locally)."""
+    family: str = "auto"
+    """`auto` (read from the checkpoint's config), `qwen2_5_vl` or `qwen3_vl`."""
+    build_tiny: str = ""
+    """If set (`qwen2_5_vl` or `qwen3_vl`) and `path` does not exist, build the tiny random model there."""
+    min_pixels: int = 28 * 28 * 4
+    """Image processor lower bound for the task images (pixels)."""
+    max_pixels: int = 28 * 28 * 256
+    """Image processor upper bound for the task images (pixels)."""
+
+    def validate(self, prefix: str = "model") -> None:
+        if self.family not in ("auto", "qwen2_5_vl", "qwen3_vl"):
+            raise ConfigError(f"{prefix}.family", f"got {self.family!r}", "use `auto`, `qwen2_5_vl` or `qwen3_vl`")
+        if self.build_tiny not in ("", "qwen2_5_vl", "qwen3_vl"):
+            raise ConfigError(f"{prefix}.build_tiny", f"got {self.build_tiny!r}",
+                              "use an empty string, `qwen2_5_vl` or `qwen3_vl`")
+        if not self.path:
+            raise ConfigError(f"{prefix}.path", "empty", "give a model directory, e.g. model.path=/ckpt/Qwen2.5-VL-7B")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"{prefix}.min_pixels", "larger than max_pixels", "lower min_pixels or raise max_pixels")
+
+
+@dataclass
+class SFTScheduleConfig:
+    epochs: float = 2.0
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run the epochs)."""
+    batch_size: int = 16
+    """Sequences per optimizer step across all ranks."""
+    lr: float = 1e-5
+
+
+@dataclass
+class RLScheduleConfig:
+    steps: int = 100
+    """RL steps (one rollout batch and its updates each)."""
+    batch_size: int = 64
+    """Tasks (prompts) per RL step; each is sampled rollout.n_samples times."""
+
+
+@dataclass
+class TrainerConfig:
+    stage: str = "pipeline"
+    """`data`, `sft`, `rl`, `eval` or `pipeline` (data, SFT, RL, eval in order)."""
+    work_dir: str = "runs/default"
+    """Everything a run writes goes here (model, data, checkpoints, metrics, viewer, report)."""
+    seed: int = 0
+    resume: str = "never"
+    """`never`, `auto` (latest checkpoint in work_dir if any) or a checkpoint path."""
+    eval_every: int = 0
+    """Evaluate every N RL steps (0: only at the end)."""
+    save_every: int = 0
+    """Checkpoint every N RL steps (0: only at the end)."""
+    ray_num_cpus: int = 0
+    """CPUs of a local Ray cluster (0: Ray's default). Overcommit to schedule many actors on few cores."""
+    sft: SFTScheduleConfig = field(default_factory=SFTScheduleConfig)
+    rl: RLScheduleConfig = field(default_factory=RLScheduleConfig)
+
+    def validate(self, prefix: str = "trainer") -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"{prefix}.stage", f"got {self.stage!r}", f"use one of {', '.join(STAGES)}")
+        if self.resume not in ("never", "auto") and not self.resume:
+            raise ConfigError(f"{prefix}.resume", "empty", "use `never`, `auto` or a checkpoint path")
+        if self.rl.batch_size < 1:
+            raise ConfigError(f"{prefix}.rl.batch_size", f"got {self.rl.batch_size}", "use at least 1")
+        if self.sft.batch_size < 1:
+            raise ConfigError(f"{prefix}.sft.batch_size", f"got {self.sft.batch_size}", "use at least 1")
+
+
+@dataclass
+class LoggerConfig:
+    backends: list[str] = field(default_factory=lambda: ["console"])
+    """Any of `console`, `jsonl`, `wandb`."""
+    wandb_project: str = "cv_ray"
+    wandb_mode: str = "offline"
+    """`online`, `offline` or `disabled`."""
+    samples_per_step: int = 4
+    """Rollout samples written to the viewer per logged step."""
+
+
+@dataclass
+class EvalConfig:
+    suites: list[str] = field(default_factory=lambda: ["orientation"])
+    with_tools: bool = True
+    without_tools: bool = True
+    n_samples: int = 1
+    temperature: float = 0.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can extend it (`defaults: [base_config, ...]`)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def to_typed(cfg: DictConfig | Config) -> Config:
+    """Resolve interpolations and return plain dataclass instances (no OmegaConf at run time)."""
+    if isinstance(cfg, Config):
+        return cfg
+    if not OmegaConf.is_config(cfg):
+        raise TypeError(f"expected a DictConfig or Config, got {type(cfg).__name__}")
+    structured = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    OmegaConf.resolve(structured)
+    return OmegaConf.to_object(structured)  # type: ignore[return-value]
+
+
+def validate(cfg: Config) -> None:
+    """Check every group, then the rules that span groups. Raises ConfigError naming the key."""
+    cfg.model.validate("model")
+    cfg.rollout.validate("rollout")
+    cfg.sandbox.validate("sandbox")
+    cfg.reward.validate("reward")
+    cfg.learner.validate("learner")
+    cfg.data.validate("data")
+    cfg.trainer.validate("trainer")
+    for backend in cfg.logger.backends:
+        if backend not in ("console", "jsonl", "wandb"):
+            raise ConfigError("logger.backends", f"unknown backend {backend!r}", "use console, jsonl and/or wandb")
+    if cfg.logger.wandb_mode not in ("online", "offline", "disabled"):
+        raise ConfigError("logger.wandb_mode", f"got {cfg.logger.wandb_mode!r}", "use online, offline or disabled")
+    if cfg.trainer.sft.batch_size % cfg.learner.num_ranks:
+        raise ConfigError("trainer.sft.batch_size",
+                          f"{cfg.trainer.sft.batch_size} sequences do not split over learner.num_ranks={cfg.learner.num_ranks}",
+                          "make trainer.sft.batch_size a multiple of learner.num_ranks")
+    sequences = cfg.trainer.rl.batch_size * cfg.rollout.n_samples
+    mini = cfg.learner.mini_batch_size or sequences
+    if sequences % mini:
+        raise ConfigError("learner.mini_batch_size",
+                          f"{sequences} sequences per RL step (trainer.rl.batch_size x rollout.n_samples) "
+                          f"do not split into mini-batches of {mini}",
+                          "make learner.mini_batch_size divide trainer.rl.batch_size * rollout.n_samples")
+    if mini % cfg.learner.num_ranks:
+        raise ConfigError("learner.mini_batch_size",
+                          f"a mini-batch of {mini} sequences does not split over learner.num_ranks={cfg.learner.num_ranks}",
+                          "make learner.mini_batch_size a multiple of learner.num_ranks")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def as_dict(cfg: Any) -> dict:
+    """A plain dict of any config dataclass (for logging and wandb)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,74 @@
+"""Configuration of the reward (Hydra group `reward`).
+
+Weights follow the reference recipe (see docs/reward.md); the total is
+R_acc + w_fmt*R_fmt + alpha*R_mandatory + beta*R_necessity + R_exact + R_emerge - gamma*(C_usage + R_spurious).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cv_ray.errors import ConfigError
+
+
+@dataclass
+class JudgeConfig:
+    enabled: bool = False
+    """Ask an LLM judge (OpenAI-compatible chat API) when the answer rules fail."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """Server root, e.g. a vLLM or SGLang server's `/v1`."""
+    model: str = "judge"
+    """Model name sent in the request."""
+    api_key_env: str = "CV_RAY_JUDGE_API_KEY"
+    """Name of the environment variable holding the API key (the key itself never goes in config)."""
+    timeout_s: float = 30.0
+    """Per-request timeout."""
+    max_retries: int = 2
+    """Retries after a failed request, with exponential backoff."""
+    backoff_s: float = 0.5
+    """First backoff delay; doubles after each retry."""
+    max_concurrency: int = 16
+    """Requests in flight at once per reward worker."""
+
+
+@dataclass
+class RewardConfig:
+    w_acc: float = 1.0
+    """Weight of the answer accuracy term R_acc."""
+    w_fmt: float = 0.1
+    """Weight of the format term R_fmt."""
+    alpha: float = 1.0
+    """Weight of R_mandatory (required ops used; crop scored by IoU with the answer box)."""
+    beta: float = 0.0
+    """Weight of the group necessity term R_necessity (off in the reference recipe)."""
+    exact_bonus: float = 0.1
+    """R_exact: paid when the core ops used equal the core ops required (non-empty)."""
+    emerge_bonus: float = 0.2
+    """R_emerge: paid when correct and a non-core op changed the image."""
+    gamma: float = 0.5
+    """Weight of the penalties C_usage (too many calls) and R_spurious (unneeded turns/flips)."""
+    free_calls: int = 2
+    """Calls allowed before C_usage starts counting: max(free_calls, |required ops|)."""
+    crop_gate: float = 0.1
+    """When crop is required and R_mandatory is below this, R_acc is multiplied by R_mandatory."""
+    reference_compat: bool = False
+    """Reproduce the reference formula exactly, flaws included (crop IoU in the wrong frame,
+    R_emerge for trivial ops), for comparison runs."""
+    num_workers: int = 1
+    """RewardWorker actors."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+    def validate(self, prefix: str = "reward") -> None:
+        for name in ("w_acc", "w_fmt", "alpha", "beta", "exact_bonus", "emerge_bonus", "gamma"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ConfigError(f"{prefix}.{name}", f"got {value}", "weights are non-negative; "
+                                  "penalties are subtracted by the formula itself")
+        if not 0 <= self.crop_gate <= 1:
+            raise ConfigError(f"{prefix}.crop_gate", f"got {self.crop_gate}", "use a value in [0, 1]")
+        if self.num_workers < 1:
+            raise ConfigError(f"{prefix}.num_workers", f"got {self.num_workers}", "use at least 1")
+        if self.judge.timeout_s <= 0:
+            raise ConfigError(f"{prefix}.judge.timeout_s", f"got {self.judge.timeout_s}", "use a positive number")
+        if self.judge.max_concurrency < 1:
+            raise ConfigError(f"{prefix}.judge.max_concurrency", f"got {self.judge.max_concurrency}", "use at least 1")

@@ -1,0 +1,64 @@
+"""Configuration of rollout workers and the agent loop (Hydra group `rollout`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cv_ray.errors import ConfigError
+
+
+@dataclass
+class VLLMConfig:
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.6
+    """Fraction of GPU memory vLLM may take (weights + KV cache)."""
+    enable_sleep_mode: bool = False
+    """Free the KV cache between rollouts (colocated training)."""
+    max_model_len: int = 32768
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """`hf` (transformers; CPU or GPU) or `vllm` (GPU only; needs the `vllm` extra)."""
+    num_workers: int = 1
+    """RolloutWorker actors; the batch is split across them."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker (0 on CPU). With vLLM: tensor_parallel_size GPUs."""
+    cpus_per_worker: float = 1.0
+    n_samples: int = 4
+    """Samples per task (the GRPO group size)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_turns: int = 12
+    """Assistant turns per episode (the reference recipe uses 12)."""
+    max_new_tokens_per_turn: int = 1024
+    max_response_tokens: int = 16384
+    """Token budget of a whole episode's response (sampled + tool tokens)."""
+    max_concurrent_trajectories: int = 64
+    """Episodes in flight per worker."""
+    tool_image_min_pixels: int = 28 * 28 * 4
+    tool_image_max_pixels: int = 1024 * 28 * 28
+    """Tool images are resized into this range for the model; originals are kept for image_index."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def validate(self, prefix: str = "rollout") -> None:
+        if self.engine not in ("hf", "vllm"):
+            raise ConfigError(f"{prefix}.engine", f"got {self.engine!r}", "use `hf` or `vllm`")
+        if self.num_workers < 1:
+            raise ConfigError(f"{prefix}.num_workers", f"got {self.num_workers}", "use at least 1")
+        if self.n_samples < 1:
+            raise ConfigError(f"{prefix}.n_samples", f"got {self.n_samples}", "use at least 1 (GRPO needs 2+)")
+        if self.temperature < 0:
+            raise ConfigError(f"{prefix}.temperature", f"got {self.temperature}", "use 0 (greedy) or more")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}.top_p", f"got {self.top_p}", "use a value in (0, 1]")
+        if self.max_turns < 1:
+            raise ConfigError(f"{prefix}.max_turns", f"got {self.max_turns}", "use at least 1")
+        if self.engine == "vllm" and self.gpus_per_worker < self.vllm.tensor_parallel_size:
+            raise ConfigError(f"{prefix}.gpus_per_worker",
+                              f"{self.gpus_per_worker} GPUs for tensor_parallel_size={self.vllm.tensor_parallel_size}",
+                              "set rollout.gpus_per_worker to at least rollout.vllm.tensor_parallel_size")
+        if self.tool_image_min_pixels > self.tool_image_max_pixels:
+            raise ConfigError(f"{prefix}.tool_image_min_pixels", "larger than tool_image_max_pixels",
+                              "lower tool_image_min_pixels or raise tool_image_max_pixels")

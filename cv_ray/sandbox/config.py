@@ -1,0 +1,47 @@
+"""Configuration of the sandbox executors (Hydra group `sandbox`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cv_ray.errors import ConfigError
+
+
+@dataclass
+class SandboxConfig:
+    num_executors: int = 2
+    """SandboxExecutor actors; scale these independently of GPUs (they need CPUs only)."""
+    cpus_per_executor: float = 1.0
+    """Ray CPUs reserved per executor actor."""
+    workers_per_executor: int = 1
+    """Warm zygote processes per executor (one per core given to sandboxing is a good default)."""
+    timeout_s: float = 5.0
+    """Wall-clock deadline per call, enforced with SIGKILL."""
+    memory_mb: int = 1024
+    """Address-space budget per call on top of the zygote's own size."""
+    max_code_chars: int = 2048
+    """Longer code is refused with an error the model can read (the reference's limit)."""
+    max_output_pixels: int = 4096 * 4096
+    """Result images larger than this are refused."""
+    max_stdout_chars: int = 2000
+    """Printed output returned to the model is cut to this length."""
+    session: str = "call"
+    """`call`: a fresh child per call. `trajectory`: one child per trajectory keeps variables."""
+    allow_degraded: bool = False
+    """Run even when an isolation layer is missing on this host (start-up names what is missing)."""
+
+    def validate(self, prefix: str = "sandbox") -> None:
+        if self.num_executors < 1:
+            raise ConfigError(f"{prefix}.num_executors", f"got {self.num_executors}", "use at least 1")
+        if self.workers_per_executor < 1:
+            raise ConfigError(f"{prefix}.workers_per_executor", f"got {self.workers_per_executor}", "use at least 1")
+        if self.cpus_per_executor <= 0:
+            raise ConfigError(f"{prefix}.cpus_per_executor", f"got {self.cpus_per_executor}", "use a positive number")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"{prefix}.timeout_s", f"got {self.timeout_s}", "use a positive number of seconds")
+        if self.memory_mb < 64:
+            raise ConfigError(f"{prefix}.memory_mb", f"got {self.memory_mb}", "use at least 64 (MB)")
+        if self.session not in ("call", "trajectory"):
+            raise ConfigError(f"{prefix}.session", f"got {self.session!r}", "use `call` or `trajectory`")
+        if self.max_code_chars < 1:
+            raise ConfigError(f"{prefix}.max_code_chars", f"got {self.max_code_chars}", "use a positive number")

@@ -1,0 +1,66 @@
+"""Shared test fixtures: tiny models (built once per session), a local Ray cluster, GPU gating."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_TINY_SOURCES = [REPO / "cv_ray/models/tiny.py", REPO / "cv_ray/models/chat_template.jinja",
+                 REPO / "cv_ray/agent/prompts.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _tiny_cache_dir() -> Path:
+    """Tiny models are keyed by the hash of the code that builds them, so edits rebuild them."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in _TINY_SOURCES)).hexdigest()[:12]
+    return REPO / ".cache" / f"tiny-models-{digest}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs() -> dict[str, Path]:
+    """{family: model directory} for both tiny architectures."""
+    from cv_ray.models.tiny import FAMILIES, ensure_tiny_model
+
+    root = _tiny_cache_dir()
+    if not root.exists():
+        for stale in root.parent.glob("tiny-models-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    return {family: ensure_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["qwen2_5_vl"]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["qwen3_vl"]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray cluster shared by the session, overcommitting CPUs so many actors fit on 2 cores."""
+    import ray
+
+    from cv_ray.cluster import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=16)
+    yield ray
+    ray.shutdown()
