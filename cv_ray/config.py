@@ -73,8 +73,12 @@ class RLScheduleConfig:
 class TrainerConfig:
     stage: str = "pipeline"
     """`data`, `sft`, `rl`, `eval` or `pipeline` (data, SFT, RL, eval in order)."""
+    name: str = "default"
+    """Run name: the run directory is `<run_root>/<name>` (sweeps: `<run_root>/<name>-sweep/<job>`)."""
+    run_root: str = "runs"
     work_dir: str = "runs/default"
-    """Everything a run writes goes here (model, data, checkpoints, metrics, viewer, report)."""
+    """Everything a run writes goes here (model, data, checkpoints, metrics, viewer, report).
+    The YAML sets it to Hydra's output directory, so each sweep job gets its own."""
     seed: int = 0
     resume: str = "never"
     """`never`, `auto` (latest checkpoint in work_dir if any) or a checkpoint path."""

@@ -1,0 +1,96 @@
+"""The typed Hydra config: every YAML option composes onto the schema, and bad values name their key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from cv_ray.cli import CONF_DIR
+from cv_ray.config import Config, register_configs, to_typed, validate
+from cv_ray.errors import ConfigError
+
+register_configs()
+CV_RAY = str(Path(sys.executable).with_name("cv-ray"))
+
+
+def _compose(*overrides: str) -> Config:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        raw = compose(config_name="config", overrides=["trainer.work_dir=/tmp/cv_ray_test_run", *overrides])
+    return to_typed(raw)
+
+
+def test_default_experiment_is_tiny_cpu_and_valid():
+    cfg = _compose()
+    validate(cfg)
+    assert cfg.trainer.name == "tiny_cpu"
+    assert cfg.model.build_tiny == "qwen2_5_vl"
+    assert cfg.model.path == "/tmp/cv_ray_test_run/tiny-qwen2_5_vl"  # interpolations resolved
+    assert isinstance(cfg.sandbox.timeout_s, float)
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g.name, o.stem) for g in Path(CONF_DIR).iterdir() if g.is_dir() for o in g.glob("*.yaml")],
+)
+def test_every_group_option_composes(group, option):
+    cfg = _compose(f"{group}={option}")
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("sandbox.session=bogus", "sandbox.session"),
+        ("sandbox.num_executors=0", "sandbox.num_executors"),
+        ("rollout.engine=tgi", "rollout.engine"),
+        ("rollout.top_p=0", "rollout.top_p"),
+        ("learner.zero_stage=4", "learner.zero_stage"),
+        ("learner.loss.kl_estimator=k2", "learner.loss.kl_estimator"),
+        ("reward.gamma=-1", "reward.gamma"),
+        ("trainer.stage=train", "trainer.stage"),
+        ("model.family=llava", "model.family"),
+        ("learner.mini_batch_size=5", "learner.mini_batch_size"),
+        ("logger.backends=[console,tensorboard]", "logger.backends"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    cfg = _compose(override)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.key == key
+    assert "Fix:" in str(err.value)
+
+
+def test_vllm_without_enough_gpus_is_refused():
+    cfg = _compose("rollout=vllm", "rollout.gpus_per_worker=1", "rollout.vllm.tensor_parallel_size=2")
+    with pytest.raises(ConfigError, match="rollout.gpus_per_worker"):
+        validate(cfg)
+
+
+def test_wrong_type_is_refused_at_composition():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose("sandbox.timeout_s=abc")
+    assert "sandbox.timeout_s" in str(err.value)
+    assert "could not be converted to Float" in str(err.value.__cause__)
+
+
+def test_cli_help_cfg_and_bad_value(tmp_path):
+    help_out = subprocess.run([CV_RAY, "--help"], capture_output=True, text=True, timeout=120)
+    assert help_out.returncode == 0
+    assert "Config groups" in help_out.stdout and "sandbox: default" in help_out.stdout
+    cfg_out = subprocess.run([CV_RAY, "--cfg", "job", "sandbox.num_executors=7"],
+                             capture_output=True, text=True, timeout=120)
+    assert cfg_out.returncode == 0
+    assert "num_executors: 7" in cfg_out.stdout
+    bad = subprocess.run([CV_RAY, "sandbox.session=bogus", f"hydra.run.dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "sandbox.session" in bad.stderr and "Fix:" in bad.stderr

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up cv_ray on a fresh machine: a virtualenv in .venv with torch, cv_ray (editable) and its
+# dependencies. Idempotent: a stamp of pyproject.toml and this script skips work already done.
+#
+#   bash tools/setup_env.sh            # then use .venv/bin/cv-ray and .venv/bin/python -m pytest
+#
+# CV_RAY_TORCH overrides the torch pin (e.g. "torch==2.14.1 torchvision==0.29.1" on CUDA nodes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+torch_spec=${CV_RAY_TORCH:-"torch==2.14.1 torchvision==0.29.1"}
+stamp=.venv/.cv_ray-setup
+want=$(cat pyproject.toml tools/setup_env.sh | sha256sum | cut -c1-16)
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/cv-ray ]; then
+  exit 0
+fi
+echo "cv_ray setup: creating .venv and installing dependencies (first run takes a few minutes)" >&2
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned, so no other requirement pulls a different (multi-GB) build.
+# shellcheck disable=SC2086
+.venv/bin/python -m pip install -q $torch_spec
+.venv/bin/python -m pip install -q -e '.[dev]'
+echo "$want" > "$stamp"
+echo "cv_ray setup: done" >&2
