@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from cv_ray.errors import ConfigError
 
+_FAMILIES = ("orientation", "zoom", "multi_op", "degraded", "no_tool")
+_SUITES = ("orientation", "small_region", "multi_op", "corruption", "no_tool")
+
 
 @dataclass
 class DataConfig:
@@ -13,13 +16,17 @@ class DataConfig:
     """Dataset directory: written by `stage=data`, read by the other stages."""
     seed: int = 0
     """Generation is deterministic by seed."""
-    families: list[str] = field(default_factory=lambda: ["orientation", "zoom", "multi_op", "degraded", "no_tool"])
-    """Synthetic task families to generate."""
+    families: list[str] = field(default_factory=lambda: list(_FAMILIES))
+    """Synthetic task families to generate (see cv_ray/data/families.py), interleaved round-robin."""
     num_rl_tasks: int = 2000
     num_sft_trajectories: int = 500
     num_val_tasks: int = 64
+    suites: list[str] = field(default_factory=lambda: list(_SUITES))
+    """Benchmark suites to build: a bare name means its latest version (`orientation` -> `orientation-v1`)."""
     suite_size: int = 24
     """Base questions per benchmark suite (each orientation suite question yields 6 variants)."""
+    sft_error_rate: float = 0.2
+    """Share of tool-using SFT trajectories that start with a call that really fails, then recover."""
     image_size: int = 448
     """Side of generated images in pixels."""
     train_files: list[str] = field(default_factory=list)
@@ -33,3 +40,18 @@ class DataConfig:
                 raise ConfigError(f"{prefix}.{name}", f"got {getattr(self, name)}", "use 0 or more")
         if self.image_size < 56:
             raise ConfigError(f"{prefix}.image_size", f"got {self.image_size}", "use at least 56 pixels")
+        if not 0.0 <= self.sft_error_rate <= 1.0:
+            raise ConfigError(f"{prefix}.sft_error_rate", f"got {self.sft_error_rate}", "use a share in [0, 1]")
+        from cv_ray.data.families import FAMILIES
+        from cv_ray.data.suites import resolve_suite_name
+
+        if not self.families:
+            raise ConfigError(f"{prefix}.families", "empty", f"list some of {', '.join(FAMILIES)}")
+        for family in self.families:
+            if family not in FAMILIES:
+                raise ConfigError(f"{prefix}.families", f"unknown family {family!r}", f"use {', '.join(FAMILIES)}")
+        for suite in self.suites:
+            try:
+                resolve_suite_name(suite)
+            except KeyError as error:
+                raise ConfigError(f"{prefix}.suites", str(error), f"use {', '.join(_SUITES)}") from error
