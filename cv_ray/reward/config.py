@@ -1,7 +1,9 @@
 """Configuration of the reward (Hydra group `reward`).
 
 Weights follow the reference recipe (see docs/reward.md); the total is
-R_acc + w_fmt*R_fmt + alpha*R_mandatory + beta*R_necessity + R_exact + R_emerge - gamma*(C_usage + R_spurious).
+w_acc*R_acc + w_fmt*R_fmt + alpha*R_mandatory + beta*R_necessity + exact_bonus*R_exact
++ emerge_bonus*R_emerge - gamma*(C_usage + R_spurious).
+Sweep from the command line, e.g. `reward.alpha=0.5,1.0 reward.gamma=0.25,0.5`.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class RewardConfig:
     emerge_bonus: float = 0.2
     """R_emerge: paid when correct and a non-core op changed the image."""
     gamma: float = 0.5
-    """Weight of the penalties C_usage (too many calls) and R_spurious (unneeded turns/flips)."""
+    """Weight of the penalties C_usage (too many calls) and R_spurious (unneeded rotations/flips)."""
     free_calls: int = 2
     """Calls allowed before C_usage starts counting: max(free_calls, |required ops|)."""
     crop_gate: float = 0.1
@@ -54,8 +56,12 @@ class RewardConfig:
     reference_compat: bool = False
     """Reproduce the reference formula exactly, flaws included (crop IoU in the wrong frame,
     R_emerge for trivial ops), for comparison runs."""
+    math_timeout_s: int = 2
+    """Seconds math-verify may spend parsing or comparing one answer (whole seconds: SIGALRM)."""
     num_workers: int = 1
     """RewardWorker actors."""
+    cpus_per_worker: float = 1.0
+    """Ray CPUs reserved by each RewardWorker."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def validate(self, prefix: str = "reward") -> None:
@@ -66,9 +72,23 @@ class RewardConfig:
                                   "penalties are subtracted by the formula itself")
         if not 0 <= self.crop_gate <= 1:
             raise ConfigError(f"{prefix}.crop_gate", f"got {self.crop_gate}", "use a value in [0, 1]")
+        if self.free_calls < 0:
+            raise ConfigError(f"{prefix}.free_calls", f"got {self.free_calls}", "use 0 or more")
+        if self.math_timeout_s < 1:
+            raise ConfigError(f"{prefix}.math_timeout_s", f"got {self.math_timeout_s}",
+                              "use at least 1 (math-verify's timeout counts whole seconds)")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"{prefix}.cpus_per_worker", f"got {self.cpus_per_worker}", "use a positive number")
         if self.num_workers < 1:
             raise ConfigError(f"{prefix}.num_workers", f"got {self.num_workers}", "use at least 1")
         if self.judge.timeout_s <= 0:
             raise ConfigError(f"{prefix}.judge.timeout_s", f"got {self.judge.timeout_s}", "use a positive number")
+        if self.judge.max_retries < 0:
+            raise ConfigError(f"{prefix}.judge.max_retries", f"got {self.judge.max_retries}", "use 0 or more")
+        if self.judge.backoff_s < 0:
+            raise ConfigError(f"{prefix}.judge.backoff_s", f"got {self.judge.backoff_s}", "use 0 or more")
+        if self.judge.enabled and not self.judge.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{prefix}.judge.base_url", f"got {self.judge.base_url!r}",
+                              "give the server root with its scheme, e.g. http://127.0.0.1:8000/v1")
         if self.judge.max_concurrency < 1:
             raise ConfigError(f"{prefix}.judge.max_concurrency", f"got {self.judge.max_concurrency}", "use at least 1")

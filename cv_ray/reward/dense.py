@@ -1,0 +1,203 @@
+"""The dense process reward of one GRPO group (pure: no Ray, no I/O, no judge).
+
+For a task with required ops E and a sample that used ops U (see docs/reward.md):
+
+    R_total = w_acc·R_acc + w_fmt·R_fmt + α·R_mandatory + β·R_necessity
+              + b_exact·R_exact + b_emerge·R_emerge − γ·(C_usage + R_spurious)
+
+Every term is stored unweighted in ``RewardBreakdown.components`` (R_exact and R_emerge as 0/1
+indicators; their weights are the bonuses 0.1 and 0.2). Two variants read the ops differently,
+chosen by ``RewardConfig.reference_compat`` from :data:`OP_RULES`:
+
+* ``fixed`` (default): only successful calls' ops count; crop IoU is taken in image 0's frame;
+  R_emerge needs a non-core op other than ``resize``/``pad`` that changed the image.
+* ``reference``: the reference release's formula, flaws included: every reported op counts; the
+  crop box is compared as-is in whatever frame it was made; any non-core op name earns R_emerge.
+
+Entry point: :func:`score_group`. The term functions below take plain numbers and sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cv_ray.geometry import iou
+from cv_ray.reward.answer import check_answer, extract_answer
+from cv_ray.reward.config import RewardConfig
+from cv_ray.reward.format import format_reward
+from cv_ray.reward.outcome import SampleOutcome, UsedOp
+from cv_ray.types import CORE_OPS, ORIENTATION_OPS, Box, RewardBreakdown, Task
+
+#: Ops that never earn R_emerge in the fixed variant: resizing and padding show the model nothing new
+#: (the sandbox reports every zoom as crop + resize, so paying for resize would pay for every zoom).
+TRIVIAL_OPS: frozenset[str] = frozenset({"resize", "pad"})
+
+
+# ---------------------------------------------------------------------------------------------
+# How a variant reads a sample's ops.
+
+
+class FixedOpRules:
+    """Our reading: what actually reached the model, in one frame."""
+
+    def counts(self, op: UsedOp) -> bool:
+        return op.call_ok
+
+    def crop_box(self, op: UsedOp) -> Box | None:
+        return op.box
+
+    def emerges(self, op: UsedOp) -> bool:
+        return op.name not in CORE_OPS and op.name not in TRIVIAL_OPS and op.changed
+
+
+class ReferenceOpRules:
+    """The reference release's reading (for comparison runs): every op, raw boxes, any name."""
+
+    def counts(self, op: UsedOp) -> bool:
+        return True
+
+    def crop_box(self, op: UsedOp) -> Box | None:
+        return op.raw_box
+
+    def emerges(self, op: UsedOp) -> bool:
+        return op.name not in CORE_OPS
+
+
+OP_RULES: dict[str, FixedOpRules | ReferenceOpRules] = {"fixed": FixedOpRules(), "reference": ReferenceOpRules()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The terms, as pure functions of plain values.
+
+
+def best_crop_iou(boxes: Sequence[Box | None], answer_box: Box) -> float:
+    """Max IoU of the crop boxes with the answer box (0 without crops; a box of None scores 0)."""
+    return max((iou(box, answer_box) for box in boxes if box is not None), default=0.0)
+
+
+def mandatory_term(required: set[str], used: set[str], crop_score: float) -> float:
+    """(required non-crop ops used + crop_score if crop is required) / |E|, capped at 1; 0 if E is empty.
+
+    With nothing required the term is the same for every sample of the group, so its value does not
+    move the group-normalised advantage; 0 keeps the maximum total honest.
+    """
+    if not required:
+        return 0.0
+    hits = len((required - {"crop"}) & used) + (crop_score if "crop" in required else 0.0)
+    return min(1.0, hits / len(required))
+
+
+def accuracy_term(correct: bool, crop_required: bool, mandatory: float, crop_gate: float) -> float:
+    """1 if correct; when a crop is required and R_mandatory < gate, scaled by R_mandatory
+    (a right answer read from the wrong region earns little)."""
+    value = 1.0 if correct else 0.0
+    if crop_required and mandatory < crop_gate:
+        value *= mandatory
+    return value
+
+
+def exact_term(required: set[str], used: set[str]) -> float:
+    """1 when the core ops used are exactly the core ops required (which must be non-empty)."""
+    required_core = required & CORE_OPS
+    return 1.0 if required_core and required_core == used & CORE_OPS else 0.0
+
+
+def usage_term(num_calls: int, num_required: int, free_calls: int) -> float:
+    """Calls beyond max(free_calls, |E|): C_usage = calls − allowance when calls ≥ allowance."""
+    return float(max(0, num_calls - max(free_calls, num_required)))
+
+
+def spurious_term(required: set[str], used: set[str]) -> float:
+    """When no orientation fix is required: the number of distinct rotations/flips used."""
+    if required & ORIENTATION_OPS:
+        return 0.0
+    return float(len(used & ORIENTATION_OPS))
+
+
+def necessity_terms(correct: Sequence[bool], used_tool: Sequence[bool]) -> list[float]:
+    """The group term R_necessity, one value per sample.
+
+    Paid only when some samples used no tool and fewer than 2 of those were correct: then every
+    correct tool-using sample gets max(0, accuracy with tools − accuracy without tools).
+    """
+    with_tools = [c for c, t in zip(correct, used_tool) if t]
+    without_tools = [c for c, t in zip(correct, used_tool) if not t]
+    if not with_tools or not without_tools or sum(without_tools) >= 2:
+        return [0.0] * len(correct)
+    gain = max(0.0, sum(with_tools) / len(with_tools) - sum(without_tools) / len(without_tools))
+    return [gain if c and t else 0.0 for c, t in zip(correct, used_tool)]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def term_weights(cfg: RewardConfig) -> dict[str, float]:
+    """Signed weight of each unweighted component in the total (penalties negative)."""
+    return {
+        "acc": cfg.w_acc, "fmt": cfg.w_fmt, "mandatory": cfg.alpha, "necessity": cfg.beta,
+        "exact": cfg.exact_bonus, "emerge": cfg.emerge_bonus, "usage": -cfg.gamma, "spurious": -cfg.gamma,
+    }
+
+
+def score_group(task: Task, samples: Sequence[SampleOutcome], cfg: RewardConfig) -> list[RewardBreakdown]:
+    """The reward of each sample of one GRPO group (all samples of ``task``), in order.
+
+    Samples with ``correct=None`` are decided here by the answer rules (math-verify included; no
+    judge). Components: the eight terms (unweighted) plus ``correct``, ``iou``, ``calls`` and
+    ``tool_errors`` for logging.
+    """
+    rules = OP_RULES["reference" if cfg.reference_compat else "fixed"]
+    weights = term_weights(cfg)
+    required = set(task.required_ops)
+    crop_required = "crop" in required
+
+    per_sample: list[dict[str, float]] = []
+    verdicts: list[bool] = []
+    for sample in samples:
+        correct = sample.correct
+        if correct is None:
+            verdict = check_answer(extract_answer(sample.response_text), task.answer, task.task_type, task.choices,
+                                   cfg.math_timeout_s)
+            correct = bool(verdict.correct)
+        counted = [op for op in sample.ops if rules.counts(op)]
+        used = {op.name for op in counted}
+        crops = [rules.crop_box(op) for op in counted if op.name == "crop"]
+        if task.answer_box is not None:
+            crop_score = best_crop_iou(crops, task.answer_box)
+        else:  # no region to compare with: a crop counts as done
+            crop_score = 1.0 if crops else 0.0
+        mandatory = mandatory_term(required, used, crop_score)
+        per_sample.append({
+            "acc": accuracy_term(correct, crop_required, mandatory, cfg.crop_gate),
+            "fmt": format_reward(sample.response_text),
+            "mandatory": mandatory,
+            "exact": exact_term(required, used),
+            "emerge": 1.0 if correct and any(rules.emerges(op) for op in counted) else 0.0,
+            "usage": usage_term(sample.num_code_calls, len(required), cfg.free_calls),
+            "spurious": spurious_term(required, used),
+            "correct": float(correct),
+            "iou": crop_score,
+            "calls": float(sample.num_code_calls),
+            "tool_errors": float(sample.num_tool_errors),
+        })
+        verdicts.append(correct)
+
+    necessity = necessity_terms(verdicts, [s.num_code_calls > 0 for s in samples])
+    breakdowns = []
+    for components, sample, necessity_value in zip(per_sample, samples, necessity):
+        components["necessity"] = necessity_value
+        total = sum(weight * components[name] for name, weight in weights.items())
+        breakdowns.append(RewardBreakdown(total=total, components=components, judge_failed=sample.judge_failed))
+    return breakdowns
+
+
+def mean_components(breakdowns: Sequence[RewardBreakdown]) -> dict[str, float]:
+    """Mean of the total, of every component and of the judge-failure flag over ``breakdowns``."""
+    if not breakdowns:
+        return {}
+    n = len(breakdowns)
+    means = {"total": sum(b.total for b in breakdowns) / n,
+             "judge_failed": sum(b.judge_failed for b in breakdowns) / n}
+    for name in breakdowns[0].components:
+        means[name] = sum(b.components[name] for b in breakdowns) / n
+    return means

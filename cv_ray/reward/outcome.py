@@ -1,0 +1,74 @@
+"""What the reward needs of one sample (:class:`SampleOutcome`), built from a :class:`Trajectory`.
+
+The reward never looks at tokens or images: only the response text, the answer verdict, the ops
+each tool call applied (with crop boxes in image 0's frame), and call counts. Building the outcome
+is where crop boxes are mapped back to image 0: a crop made by a call on image ``k`` has its box in
+image ``k``'s pixels, and ``Trajectory.image_to_origin[k]`` maps those to image 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cv_ray.geometry import map_box
+from cv_ray.types import Box, Trajectory
+
+
+@dataclass(frozen=True)
+class UsedOp:
+    """One op a tool call applied, as the sandbox reported it."""
+
+    name: str
+    """The sandbox's op name (``rotate_90``, ``crop``, ``contrast_up``, ``resize``, ...)."""
+    changed: bool
+    """Whether the op changed the image (``enhance(1.0)`` did not). Missing in a report = False:
+    a bonus needs evidence."""
+    call_ok: bool
+    """Whether the tool call that made it succeeded (a failed call applied nothing the model saw)."""
+    box: Box | None = None
+    """A crop's box in image 0's frame; None for other ops and when the crop's source image is not
+    a geometric view of image 0."""
+    raw_box: Box | None = None
+    """A crop's box as reported, in the frame of the image the call ran on (reference-compat mode)."""
+
+
+@dataclass
+class SampleOutcome:
+    """One sample of a GRPO group, reduced to what the dense reward reads."""
+
+    response_text: str
+    """The assistant text with tool responses removed (format check and answer extraction)."""
+    correct: bool | None = None
+    """The answer verdict, already decided by the rules or the judge; None: decide by the rules."""
+    judge_failed: bool = False
+    """The judge was asked and failed; ``correct`` is then a flagged False."""
+    ops: list[UsedOp] = field(default_factory=list)
+    """Every op of every tool call, in order (failed calls' ops carry ``call_ok=False``)."""
+    num_code_calls: int = 0
+    """Tool calls attempted, including ones that failed to parse or run."""
+    num_tool_errors: int = 0
+    """Tool calls that failed (unparseable, or the sandbox reported an error)."""
+
+
+def outcome_from_trajectory(traj: Trajectory) -> SampleOutcome:
+    """Reduce a trajectory to its :class:`SampleOutcome` (``correct`` left undecided)."""
+    ops: list[UsedOp] = []
+    for call in traj.tool_calls:
+        if call.result is None:
+            continue
+        to_origin = traj.image_to_origin[call.image_index] if 0 <= call.image_index < len(traj.image_to_origin) else None
+        for op in call.result.ops:
+            raw_box = [float(v) for v in op["box"]] if op.get("op") == "crop" and op.get("box") is not None else None
+            ops.append(UsedOp(
+                name=str(op.get("op", "")),
+                changed=bool(op.get("changed", False)),
+                call_ok=call.ok,
+                box=map_box(to_origin, raw_box) if raw_box is not None and to_origin is not None else None,
+                raw_box=raw_box,
+            ))
+    return SampleOutcome(
+        response_text=traj.response_text,
+        ops=ops,
+        num_code_calls=len(traj.tool_calls),
+        num_tool_errors=sum(not call.ok for call in traj.tool_calls),
+    )

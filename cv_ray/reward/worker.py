@@ -1,0 +1,78 @@
+"""Reward actors: :class:`RewardWorker` (one Ray actor) and :class:`RewardGroup` (``num_workers`` of them).
+
+Thin shells: a worker decides the verdicts the rules cannot (math-verify, the LLM judge; see
+``verdicts.py``), then calls the pure :func:`score_group`. Workers are async actors, so the
+groups sent to one worker are scored concurrently and a slow judge reply stalls only its own group.
+
+The group reduces trajectories to :class:`SampleOutcome`s on the caller's side and sends tasks
+without their images: the reward reads neither tokens nor pixels, and shipping them costs more
+than scoring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import ray
+
+from cv_ray.reward.config import RewardConfig
+from cv_ray.reward.dense import mean_components, score_group
+from cv_ray.reward.judge import JudgeClient
+from cv_ray.reward.outcome import SampleOutcome, outcome_from_trajectory
+from cv_ray.reward.verdicts import VerdictResolver
+from cv_ray.types import RewardBreakdown, Task, Trajectory
+
+
+@ray.remote
+class RewardWorker:
+    """Scores GRPO groups. ``stats()`` returns cumulative judge and verdict counters."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+        self.judge = JudgeClient(cfg.judge) if cfg.judge.enabled else None
+        self.resolver = VerdictResolver(self.judge, cfg.math_timeout_s)
+
+    async def score(self, task: Task, trajectories: Sequence[Trajectory]) -> list[RewardBreakdown]:
+        """The reward of each trajectory of one task's group, in order."""
+        return await self.score_outcomes(task, [outcome_from_trajectory(t) for t in trajectories])
+
+    async def score_outcomes(self, task: Task, outcomes: Sequence[SampleOutcome]) -> list[RewardBreakdown]:
+        """Like :meth:`score`, for samples already reduced to outcomes."""
+        resolved = await self.resolver.resolve(task, outcomes)
+        return score_group(task, resolved, self.cfg)
+
+    def stats(self) -> dict[str, int]:
+        stats = {f"verdict/{k}": v for k, v in self.resolver.stats.items()}
+        if self.judge is not None:
+            stats.update({f"judge/{k}": v for k, v in self.judge.stats.items()})
+        return stats
+
+
+class RewardGroup:
+    """``cfg.num_workers`` reward actors; scores a batch of groups spread over them."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.workers = [RewardWorker.options(num_cpus=cfg.cpus_per_worker).remote(cfg)
+                        for _ in range(cfg.num_workers)]
+        self._last_stats: dict[str, int] = {}
+
+    def score(self, groups: Sequence[tuple[Task, Sequence[Trajectory]]]
+              ) -> tuple[list[list[RewardBreakdown]], dict[str, float]]:
+        """Breakdowns per group (in the order given) and metrics: the mean of every component
+        (``reward/<name>``) and this call's judge and verdict counters."""
+        refs = []
+        for index, (task, trajectories) in enumerate(groups):
+            outcomes = [outcome_from_trajectory(t) for t in trajectories]
+            worker = self.workers[index % len(self.workers)]
+            refs.append(worker.score_outcomes.remote(dataclasses.replace(task, images=[]), outcomes))
+        results: list[list[RewardBreakdown]] = ray.get(refs)
+
+        totals: dict[str, int] = {}
+        for worker_stats in ray.get([w.stats.remote() for w in self.workers]):
+            for key, value in worker_stats.items():
+                totals[key] = totals.get(key, 0) + value
+        metrics = {f"reward/{k}": v for k, v in mean_components([b for r in results for b in r]).items()}
+        metrics.update({f"reward/{k}": float(v - self._last_stats.get(k, 0)) for k, v in totals.items()})
+        self._last_stats = totals
+        return results, metrics
