@@ -40,6 +40,8 @@ class RolloutConfig:
     tool_image_min_pixels: int = 28 * 28 * 4
     tool_image_max_pixels: int = 1024 * 28 * 28
     """Tool images are resized into this range for the model; originals are kept for image_index."""
+    hf_max_batch_size: int = 32
+    """HF engine: most requests gathered into one padded `generate` call."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def validate(self, prefix: str = "rollout") -> None:
@@ -59,6 +61,18 @@ class RolloutConfig:
             raise ConfigError(f"{prefix}.gpus_per_worker",
                               f"{self.gpus_per_worker} GPUs for tensor_parallel_size={self.vllm.tensor_parallel_size}",
                               "set rollout.gpus_per_worker to at least rollout.vllm.tensor_parallel_size")
+        if self.max_new_tokens_per_turn < 1 or self.max_response_tokens < 1:
+            raise ConfigError(f"{prefix}.max_new_tokens_per_turn",
+                              f"max_new_tokens_per_turn={self.max_new_tokens_per_turn}, "
+                              f"max_response_tokens={self.max_response_tokens}", "use positive token budgets")
+        if self.max_concurrent_trajectories < 1:
+            raise ConfigError(f"{prefix}.max_concurrent_trajectories", f"got {self.max_concurrent_trajectories}",
+                              "use at least 1")
+        if self.hf_max_batch_size < 1:
+            raise ConfigError(f"{prefix}.hf_max_batch_size", f"got {self.hf_max_batch_size}", "use at least 1")
+        if self.tool_image_min_pixels < 1:
+            raise ConfigError(f"{prefix}.tool_image_min_pixels", f"got {self.tool_image_min_pixels}",
+                              "use a positive number of pixels")
         if self.tool_image_min_pixels > self.tool_image_max_pixels:
             raise ConfigError(f"{prefix}.tool_image_min_pixels", "larger than tool_image_max_pixels",
                               "lower tool_image_min_pixels or raise tool_image_max_pixels")

@@ -1,0 +1,122 @@
+"""Agent loop behaviour: stop reasons, budget truncation, image lineage, concurrency, metrics.
+
+Tool calls run in the real sandbox, except in the concurrency test, whose in-process runner sleeps
+for controlled times (sandboxed code cannot sleep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from agent_testlib import CROP, FAILING, ROTATE_90, SleepyTools, noise_image
+
+from cv_ray.agent.loop import AgentLoop
+from cv_ray.agent.tool_format import format_tool_call
+from cv_ray.geometry import map_box
+from cv_ray.rollout.config import RolloutConfig
+from cv_ray.rollout.scripted_engine import ScriptedEngine
+from cv_ray.types import Task
+
+ANSWER = "<think>done</think><answer>7</answer>"
+
+
+def make_task(uid: str = "t0") -> Task:
+    return Task(uid=uid, data_source="test", question="What number?", images=[noise_image(64, 48)], answer="7")
+
+
+def run(codec, turns, tools, cfg=None, task=None):
+    cfg = cfg or RolloutConfig(max_turns=6)
+    return asyncio.run(AgentLoop(ScriptedEngine(codec, turns), codec, tools, cfg).run(task or make_task()))
+
+
+def test_lineage_maps_a_crop_of_a_rotated_output_back_to_image_0(codecs, sandbox_tools):
+    t = run(codecs["qwen2_5_vl"], [format_tool_call(ROTATE_90, 0), format_tool_call(CROP, 1), ANSWER], sandbox_tools)
+    assert [im.size for im in t.images] == [(64, 48), (48, 64), (32, 24)]
+    assert t.image_parent == [None, 0, 1]
+    assert [c.output_index for c in t.tool_calls] == [1, 2]
+    # Image 1 is image 0 turned 90 degrees counter-clockwise: (x', y') comes from (64 - y', x').
+    # The crop [8, 4, 40, 28] of image 1 covers x in [64 - 28, 64 - 4] = [36, 60], y in [8, 40] of image 0.
+    assert map_box(t.image_to_origin[2], [0, 0, 32, 24]) == [36.0, 8.0, 60.0, 40.0]
+    assert t.tool_calls[0].result.image is None  # images live in Trajectory.images only
+
+
+def test_stop_reasons(codecs, sandbox_tools):
+    codec = codecs["qwen3_vl"]
+    assert run(codec, ["<think>no idea</think>"], sandbox_tools).stop_reason == "no_tool_call"
+    assert run(codec, [ANSWER], sandbox_tools).stop_reason == "answer"
+    # A call in the last allowed turn is not executed.
+    t = run(codec, [format_tool_call(ROTATE_90, 0)] * 3, sandbox_tools, cfg=RolloutConfig(max_turns=2))
+    assert (t.stop_reason, t.num_turns, len(t.tool_calls)) == ("max_turns", 2, 1)
+    # A turn cut by its token limit ends the episode with no separator after it.
+    t = run(codec, [ANSWER], sandbox_tools, cfg=RolloutConfig(max_new_tokens_per_turn=4))
+    assert (t.stop_reason, len(t.response_ids), t.response_mask) == ("max_tokens", 4, [1, 1, 1, 1])
+
+
+def test_tool_response_over_budget_drops_its_images_and_placeholders(codecs, sandbox_tools):
+    codec = codecs["qwen2_5_vl"]
+    first = format_tool_call(ROTATE_90, 0)
+    sampled = len(codec.tokenizer.encode(first)) + 1 + len(codec.separator_ids)
+    cfg = RolloutConfig(max_response_tokens=sampled + 12)
+    t = run(codec, [first, ANSWER], sandbox_tools, cfg=cfg)
+    assert t.stop_reason == "max_tokens"
+    assert len(t.response_ids) == len(t.response_mask) == len(t.rollout_logprobs) == cfg.max_response_tokens
+    assert t.model_images == t.images[:1]  # the tool output was not placed
+    assert codec.image_token_id not in t.response_ids
+    assert t.response_mask[sampled:] == [0] * 12
+    assert t.metrics["truncated_tool_response"] == 1.0
+    assert len(t.images) == 2 and t.tool_calls[0].output_index == 1  # kept at full resolution
+
+
+def test_error_metrics(codecs, sandbox_tools):
+    bad = "<tool_call>\n{oops\n</tool_call>"
+    t = run(codecs["qwen3_vl"], [bad, format_tool_call(FAILING, 0) + format_tool_call(CROP, 9), ANSWER], sandbox_tools)
+    assert [c.parse_error_class for c in t.tool_calls] == ["malformed_json", None, None]
+    assert [c.result.error_class for c in t.tool_calls[1:]] == ["runtime", "image_index"]
+    assert t.metrics["tool_calls"] == 3 and t.metrics["tool_errors"] == 3
+    assert t.metrics["tool_errors/malformed_json"] == 1 and t.metrics["tool_errors/runtime"] == 1
+    assert t.metrics["tool_errors/image_index"] == 1
+    assert t.model_images == t.images == t.images[:1]
+
+
+class TimedScriptedEngine(ScriptedEngine):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started: list[float] = []
+
+    async def generate(self, requests):
+        self.started.append(time.perf_counter())
+        return await super().generate(requests)
+
+
+def test_trajectories_generate_while_others_wait_for_tools(codecs):
+    codec = codecs["qwen2_5_vl"]
+    # Call k waits delays[k % 2]: one trajectory's tool returns at once, the other's takes 0.3 s.
+    tools = SleepyTools(delays_s=(0.0, 0.3))
+    engine = TimedScriptedEngine(codec, [format_tool_call(ROTATE_90, 0), ANSWER], seconds_per_token=0.0005)
+    loop = AgentLoop(engine, codec, tools, RolloutConfig())
+    trajectories = asyncio.run(loop.run_many([make_task("a"), make_task("b")], n_samples=2))
+    assert [(t.uid, t.sample_index) for t in trajectories] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert all(t.stop_reason == "answer" for t in trajectories)
+    slow_calls = [(s, e) for s, e in tools.calls if e - s > 0.25]
+    assert slow_calls
+    assert any(s < g < e for s, e in slow_calls for g in engine.started), "no generation overlapped a tool call"
+    assert len(tools.closed) == 4
+
+
+def test_tool_free_episode_has_no_schema_and_runs_no_call(codecs, processors, sandbox_tools):
+    from cv_ray.agent.chat import NO_TOOL_SYSTEM_PROMPT
+
+    codec, processor = codecs["qwen2_5_vl"], processors["qwen2_5_vl"]
+    text = format_tool_call(ROTATE_90, 0)  # a tool-trained model may still write a call
+    task = make_task()
+    loop = AgentLoop(ScriptedEngine(codec, [text, ANSWER]), codec, sandbox_tools, RolloutConfig())
+    t = asyncio.run(loop.run(task, use_tools=False))
+    assert (t.stop_reason, t.num_turns, t.tool_calls) == ("no_tool_call", 1, [])
+    messages = [{"role": "system", "content": NO_TOOL_SYSTEM_PROMPT},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task.question}]},
+                {"role": "assistant", "content": text}]
+    rendered = processor.apply_chat_template(messages, tokenize=False)
+    assert "# Tools" not in rendered
+    expected = processor(text=[rendered], images=task.images, return_tensors="pt")["input_ids"][0].tolist()
+    assert t.prompt_ids + t.response_ids == expected
