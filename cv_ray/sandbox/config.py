@@ -29,6 +29,14 @@ class SandboxConfig:
     """`call`: a fresh child per call. `trajectory`: one child per trajectory keeps variables."""
     allow_degraded: bool = False
     """Run even when an isolation layer is missing on this host (start-up names what is missing)."""
+    session_idle_s: float = 300.0
+    """`trajectory` sessions: a session child unused this long is killed (its variables are lost)."""
+    max_sessions_per_worker: int = 64
+    """`trajectory` sessions: beyond this many live sessions on a worker the least recently used is ended."""
+    recycle_after: int = 2000
+    """Restart a worker's zygote after this many calls (when it holds no live session)."""
+    actor_retries: int = 2
+    """SandboxGroup: how many times a call whose executor actor died is retried on another actor."""
 
     def validate(self, prefix: str = "sandbox") -> None:
         if self.num_executors < 1:
@@ -43,5 +51,18 @@ class SandboxConfig:
             raise ConfigError(f"{prefix}.memory_mb", f"got {self.memory_mb}", "use at least 64 (MB)")
         if self.session not in ("call", "trajectory"):
             raise ConfigError(f"{prefix}.session", f"got {self.session!r}", "use `call` or `trajectory`")
+        if self.session_idle_s <= 0:
+            raise ConfigError(f"{prefix}.session_idle_s", f"got {self.session_idle_s}", "use a positive number of seconds")
+        if self.max_sessions_per_worker < 1:
+            raise ConfigError(f"{prefix}.max_sessions_per_worker", f"got {self.max_sessions_per_worker}",
+                              "use at least 1")
+        if self.recycle_after < 1:
+            raise ConfigError(f"{prefix}.recycle_after", f"got {self.recycle_after}", "use at least 1")
+        if self.actor_retries < 0:
+            raise ConfigError(f"{prefix}.actor_retries", f"got {self.actor_retries}", "use 0 or more")
+        if self.max_output_pixels < 1:
+            raise ConfigError(f"{prefix}.max_output_pixels", f"got {self.max_output_pixels}", "use a positive number")
+        if self.max_stdout_chars < 0:
+            raise ConfigError(f"{prefix}.max_stdout_chars", f"got {self.max_stdout_chars}", "use 0 or more")
         if self.max_code_chars < 1:
             raise ConfigError(f"{prefix}.max_code_chars", f"got {self.max_code_chars}", "use a positive number")

@@ -1,0 +1,351 @@
+"""SandboxPool: run model-written image code safely and fast, from many threads at once.
+
+Usage::
+
+    from cv_ray.sandbox import SandboxPool
+    with SandboxPool(workers=2, timeout_s=5.0, memory_mb=1024) as pool:
+        r = pool.run(code, images=[img0, img1], image_index=0)
+        # r.ok, r.image, r.error, r.error_class, r.ops, r.to_input, r.stdout, r.seconds
+
+Each worker is a warm zygote process (see :mod:`cv_ray.sandbox.zygote`) that keeps one hardened
+child ready; a call takes that child, sends it the code and the image, and reads back the result.
+This process is the trusted side: it validates every byte a child sends, checks the result image,
+and turns the child's traced ops into verified ops with ``cv_ray.sandbox.recognize.reconcile``.
+
+``session="trajectory"`` keeps one child per ``session_id`` so variables survive between the
+calls of a trajectory (other trajectories never see them); ``close_session`` ends it, and idle
+sessions end after ``session_idle_s``. With the default ``session="call"`` every call gets a
+fresh child and ``session_id`` is ignored.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from PIL import Image
+
+from cv_ray.sandbox import messages, protocol
+from cv_ray.sandbox.config import SandboxConfig
+from cv_ray.sandbox.recognize import reconcile
+from cv_ray.sandbox.worker import ChildHandle, Outcome, ZygoteError, ZygoteProcess
+from cv_ray.types import ExecResult
+
+log = logging.getLogger(__name__)
+
+#: Error classes a child may report for itself; anything else it claims is counted as `runtime`.
+_CHILD_ERROR_CLASSES = frozenset({"syntax", "runtime", "memory", "forbidden", "import", "no_result",
+                                  "bad_result", "bad_image"})
+_CRASH_SIGNALS = {signal.SIGSEGV: "SIGSEGV", signal.SIGBUS: "SIGBUS", signal.SIGABRT: "SIGABRT",
+                  signal.SIGILL: "SIGILL", signal.SIGFPE: "SIGFPE", signal.SIGSYS: "SIGSYS"}
+#: Exit statuses the child uses for its own failures (hardening failed, broken request pipe).
+_INFRA_EXIT_CODES = frozenset({70, 71})
+_MAX_ERROR_CHARS = 4000
+
+
+class SandboxUnavailable(RuntimeError):
+    """This host lacks an isolation layer and ``allow_degraded`` is off; the message names it."""
+
+
+def check_request(code: str, images: list[Image.Image], image_index: Any, max_code_chars: int,
+                  max_pixels: int) -> ExecResult | None:
+    """The refusal for a call that must not run (code too long, no such image, input too big), or None."""
+    if len(code) > max_code_chars:
+        return ExecResult(ok=False, error=messages.code_too_long_error(len(code), max_code_chars),
+                          error_class="code_too_long")
+    if isinstance(image_index, bool) or not isinstance(image_index, int) or not 0 <= image_index < len(images):
+        return ExecResult(ok=False, error=messages.image_index_error(image_index, len(images)),
+                          error_class="image_index")
+    width, height = images[image_index].size
+    if width * height > max_pixels:
+        return ExecResult(ok=False, error_class="bad_image",
+                          error=f"image {image_index} is {width}x{height}, larger than the tool's limit of "
+                                f"{max_pixels} pixels; crop or resize it in an earlier call")
+    return None
+
+
+def classify_exit(reason: str | None, code: int | None, timeout_s: float, memory_mb: int) -> tuple[str, str]:
+    """``(error_class, text)`` for a child that ended without a response.
+
+    ``reason`` comes from the zygote (``timeout`` when it killed the child at its deadline), ``code``
+    is the exit status (negative: the signal that killed it).
+    """
+    if reason == "timeout" or code == -signal.SIGXCPU:
+        return "timeout", messages.timeout_error(timeout_s)
+    if code == -signal.SIGKILL and reason == "exited":  # killed by the kernel, not by us: the OOM killer
+        return "memory", messages.memory_error(memory_mb)
+    if code is not None and -code in _CRASH_SIGNALS:
+        return "runtime", (f"the code crashed the Python interpreter ({_CRASH_SIGNALS[-code]}); "
+                           "it may have run out of memory or misused a low-level library")
+    if reason == "exited" and code is not None and code not in _INFRA_EXIT_CODES:
+        return "runtime", f"the code ended the process (exit status {code}) before leaving a result"
+    return "sandbox", messages.sandbox_error()
+
+
+def _text(value: Any, limit: int) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One worker: a zygote and the session children it holds. Used by one thread at a time."""
+
+    index: int
+    zygote: ZygoteProcess | None = None
+    busy: bool = False
+    last_used: float = 0.0
+    sessions: collections.OrderedDict[str, ChildHandle] = dataclasses.field(default_factory=collections.OrderedDict)
+
+
+class SandboxPool:
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 1024, **options: Any):
+        """Start ``workers`` zygotes. ``options``: any other :class:`SandboxConfig` field
+        (``session``, ``max_code_chars``, ``max_output_pixels``, ``allow_degraded``, ...).
+
+        Raises SandboxUnavailable when an isolation layer is missing and ``allow_degraded`` is off.
+        """
+        cfg = SandboxConfig(workers_per_executor=workers, timeout_s=timeout_s, memory_mb=memory_mb, **options)
+        cfg.validate()
+        self.cfg = cfg
+        self._cond = threading.Condition()
+        self._slots = [_Slot(index=i) for i in range(cfg.workers_per_executor)]
+        self._session_slot: dict[str, _Slot] = {}
+        self._closed = False
+        self.counts: collections.Counter[str] = collections.Counter()
+        """Calls by outcome (``ok`` or the error class) and ``zygote_restarts``."""
+        self.layers: dict[str, dict[str, Any]] = {}
+        """The isolation layers the zygotes reported at start-up: ``{name: {"ok", "detail"}}``."""
+        zygotes = [ZygoteProcess(self._zygote_settings()) for _ in self._slots]
+        try:
+            for slot, zygote in zip(self._slots, zygotes):
+                slot.zygote = zygote
+                self._check_layers(zygote.wait_ready())
+        except BaseException:
+            for zygote in zygotes:
+                zygote.close()
+            raise
+
+    @classmethod
+    def from_config(cls, cfg: SandboxConfig) -> SandboxPool:
+        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        fields.pop("workers_per_executor")
+        return cls(workers=cfg.workers_per_executor, **fields)
+
+    def __enter__(self) -> SandboxPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- start-up -----------------------------------------------------------------------------
+
+    def _zygote_settings(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"memory_mb": cfg.memory_mb, "timeout_s": cfg.timeout_s, "max_output_pixels": cfg.max_output_pixels,
+                "max_stdout_chars": cfg.max_stdout_chars, "session_idle_s": cfg.session_idle_s}
+
+    def _check_layers(self, layers: dict[str, dict[str, Any]]) -> None:
+        missing = [f"{name} ({info.get('detail')})" for name, info in sorted(layers.items()) if not info.get("ok")]
+        if missing and not self.cfg.allow_degraded:
+            raise SandboxUnavailable(
+                "sandbox isolation layers missing on this host: " + "; ".join(missing)
+                + ". Fix the host (see docs/sandbox.md), or accept weaker isolation explicitly with "
+                  "sandbox.allow_degraded=true (SandboxPool(..., allow_degraded=True))")
+        if missing and not self.layers:
+            log.warning("sandbox running DEGRADED (allow_degraded=true); missing: %s", "; ".join(missing))
+        self.layers = layers
+
+    # ----- scheduling ---------------------------------------------------------------------------
+
+    def _acquire(self, session_id: str | None) -> _Slot:
+        """Wait for a free worker: the session's own worker, else the least recently used free one."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise RuntimeError("the SandboxPool is closed")
+                slot = self._session_slot.get(session_id) if session_id is not None else None
+                if slot is None:
+                    free = [s for s in self._slots if not s.busy]
+                    if free:
+                        key = (lambda s: (len(s.sessions), s.last_used)) if session_id else (lambda s: s.last_used)
+                        slot = min(free, key=key)
+                if slot is not None and not slot.busy:
+                    slot.busy = True
+                    if session_id is not None:
+                        self._session_slot[session_id] = slot
+                    return slot
+                self._cond.wait()
+
+    def _release(self, slot: _Slot) -> None:
+        with self._cond:
+            slot.busy = False
+            slot.last_used = time.monotonic()
+            self._cond.notify_all()
+
+    def _forget_session(self, slot: _Slot, session_id: str, kill: bool) -> None:
+        child = slot.sessions.pop(session_id)
+        if slot.zygote is not None:
+            slot.zygote.release(child, kill=kill)
+        with self._cond:
+            if self._session_slot.get(session_id) is slot:
+                del self._session_slot[session_id]
+
+    # ----- calls --------------------------------------------------------------------------------
+
+    def run(self, code: str, images: list[Image.Image], image_index: int = 0,
+            session_id: str | None = None) -> ExecResult:
+        """Run ``code`` on a copy of ``images[image_index]``; thread-safe, never raises for bad code."""
+        start = time.monotonic()
+        result = check_request(code, images, image_index, self.cfg.max_code_chars, self.cfg.max_output_pixels)
+        if result is None:
+            image = protocol.wire_image(images[image_index])
+            session = session_id if self.cfg.session == "trajectory" and session_id is not None else None
+            slot = self._acquire(session)
+            try:
+                result = self._run_on_slot(slot, code, image, session)
+            finally:
+                self._release(slot)
+        result.seconds = time.monotonic() - start
+        with self._cond:
+            self.counts["ok" if result.ok else str(result.error_class)] += 1
+        return result
+
+    def _run_on_slot(self, slot: _Slot, code: str, image: Image.Image, session: str | None) -> ExecResult:
+        # One retry on a fresh zygote for infrastructure failures; a session child found dead (idle
+        # timeout, eviction) is replaced transparently once.
+        for attempt in range(2):
+            try:
+                outcome = self._attempt(slot, code, image, session)
+            except ZygoteError as exc:
+                with self._cond:
+                    self.counts["zygote_restarts"] += 1
+                log.warning("sandbox worker %d failed (%s); restarting it", slot.index, exc)
+                self._restart(slot)
+                continue
+            if outcome.response is None and outcome.exit_reason in ("idle", "killed") and attempt == 0:
+                continue
+            result = self._to_result(outcome, image)
+            if result.error_class == "sandbox" and attempt == 0:
+                continue
+            zygote = slot.zygote
+            if zygote is not None and zygote.served >= self.cfg.recycle_after and not slot.sessions:
+                self._restart(slot)
+            return result
+        return ExecResult(ok=False, error=messages.sandbox_error(), error_class="sandbox")
+
+    def _attempt(self, slot: _Slot, code: str, image: Image.Image, session: str | None) -> Outcome:
+        zygote = self._ensure_zygote(slot)
+        self._sweep_sessions(slot)
+        child = None
+        if session is not None:
+            child = slot.sessions.get(session)
+            if child is not None:
+                slot.sessions.move_to_end(session)
+            elif len(slot.sessions) >= self.cfg.max_sessions_per_worker:
+                self._forget_session(slot, next(iter(slot.sessions)), kill=True)
+        if child is None:
+            child = zygote.take_child()
+            if session is not None:
+                slot.sessions[session] = child
+        try:
+            outcome = zygote.execute(child, code, image, self.cfg.timeout_s, keep_alive=session is not None,
+                                     max_pixels=self.cfg.max_output_pixels)
+        except ZygoteError:
+            if session is not None:
+                slot.sessions.pop(session, None)
+            raise
+        if session is None:
+            zygote.release(child, kill=outcome.response is None)
+        elif outcome.response is None:
+            self._forget_session(slot, session, kill=True)
+        return outcome
+
+    def _sweep_sessions(self, slot: _Slot) -> None:
+        """Drop sessions whose child has ended (idle timeout) so their pipes are closed."""
+        zygote = slot.zygote
+        for session_id, child in list(slot.sessions.items()):
+            if zygote is not None and zygote.exited(child):
+                self._forget_session(slot, session_id, kill=False)
+
+    def _ensure_zygote(self, slot: _Slot) -> ZygoteProcess:
+        if slot.zygote is None or not slot.zygote.alive():
+            self._restart(slot)
+        assert slot.zygote is not None
+        return slot.zygote
+
+    def _restart(self, slot: _Slot) -> None:
+        """Replace a worker's zygote; its sessions end (their children die with it)."""
+        if self._closed:
+            raise RuntimeError("the SandboxPool is closed")
+        if slot.zygote is not None:
+            slot.zygote.close()
+        for session_id in list(slot.sessions):
+            slot.sessions.pop(session_id)
+            with self._cond:
+                self._session_slot.pop(session_id, None)
+        slot.zygote = ZygoteProcess(self._zygote_settings())
+        self._check_layers(slot.zygote.wait_ready())
+
+    def _to_result(self, outcome: Outcome, input_image: Image.Image) -> ExecResult:
+        """Turn what came back from the child (untrusted) into an ExecResult."""
+        if outcome.protocol_error is not None:
+            log.warning("sandbox child broke the protocol: %s", outcome.protocol_error)
+            return ExecResult(ok=False, error_class="runtime",
+                              error="the code interfered with the tool's result channel")
+        if outcome.response is None:
+            error_class, error = classify_exit(outcome.exit_reason, outcome.exit_code, self.cfg.timeout_s,
+                                               self.cfg.memory_mb)
+            return ExecResult(ok=False, error=error, error_class=error_class)
+        meta, image = outcome.response.meta, outcome.response.image
+        # The child caps stdout itself; allow for its "... more characters" note.
+        stdout = _text(meta.get("stdout"), self.cfg.max_stdout_chars + 100)
+        if meta.get("ok") is not True or image is None:
+            error_class = meta.get("error_class")
+            if error_class not in _CHILD_ERROR_CLASSES:
+                error_class = "runtime"
+            error = _text(meta.get("error"), _MAX_ERROR_CHARS) or messages.no_result_error()
+            return ExecResult(ok=False, error=error, error_class=error_class, stdout=stdout)
+        problem = messages.image_size_problem(image.width, image.height, self.cfg.max_output_pixels)
+        if problem:
+            return ExecResult(ok=False, error=problem, error_class="bad_image", stdout=stdout)
+        # The traced ops are hints the model's code could forge: reconcile sanitizes them and
+        # verifies the geometry against the pixels.
+        ops, to_input = reconcile(input_image, image, meta.get("traced"))
+        return ExecResult(ok=True, image=image, ops=ops, to_input=to_input, stdout=stdout)
+
+    # ----- sessions and shutdown ----------------------------------------------------------------
+
+    def close_session(self, session_id: str) -> None:
+        """End a trajectory's session (its child and variables); unknown ids are ignored."""
+        with self._cond:
+            if session_id not in self._session_slot:
+                return
+        slot = self._acquire(session_id)
+        try:
+            if session_id in slot.sessions:
+                self._forget_session(slot, session_id, kill=True)
+            else:
+                with self._cond:
+                    self._session_slot.pop(session_id, None)
+        finally:
+            self._release(slot)
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return dict(self.counts)
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        for slot in self._slots:
+            if slot.zygote is not None:
+                slot.zygote.close()
+

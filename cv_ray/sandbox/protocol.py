@@ -1,0 +1,230 @@
+"""The byte protocol between the trusted parent and a sandbox child. Nothing is ever unpickled.
+
+Each child has its own pair of pipes (small frames: header, code, JSON metadata) and its own
+shared-memory buffer (a sealed memfd that cannot shrink or grow) for the pixels, so a 1024x1024
+image crosses with one copy each way and one wake-up of the other side instead of dozens of pipe
+round trips.
+
+Request (parent -> child)::
+
+    header  <4s I I I I B B I>  magic b"CVQ1", code_len, width, height, pixel_len, mode_code,
+                                keep_alive, timeout_ms (the CPU budget the child sets on itself)
+            then code_len bytes of UTF-8 code on the pipe; the pixels (row-major) are in
+            shared memory at offset 0.
+
+Response (child -> parent)::
+
+    header  <4s I I I I B>    magic b"CVR1", meta_len, width, height, pixel_len, mode_code
+            then meta_len bytes of JSON metadata (ok, error, error_class, stdout, traced ops) on
+            the pipe; the pixels (pixel_len 0 when there is no image) are in shared memory.
+
+Images travel as raw pixels in one of three modes (L, RGB, RGBA) rather than PNG: encoding a
+1024x1024 PNG costs more CPU than the typical job itself, and raw pixels are simpler to check
+than a decompressor's input. The reader of each frame checks the magic, every length against
+hard caps and the shared buffer's size, and that ``pixel_len == width * height * bands(mode)``
+before it touches the payload, so a child that writes garbage gets a ``ProtocolError``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mmap
+import os
+import select
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+REQUEST_MAGIC = b"CVQ1"
+RESPONSE_MAGIC = b"CVR1"
+_REQUEST_HEADER = struct.Struct("<4sIIIIBBI")
+_RESPONSE_HEADER = struct.Struct("<4sIIIIB")
+
+#: Wire code of each image mode and its bytes per pixel. Other modes are converted before sending.
+MODE_CODES: dict[str, int] = {"L": 1, "RGB": 2, "RGBA": 3}
+MODE_BANDS: dict[str, int] = {"L": 1, "RGB": 3, "RGBA": 4}
+_CODE_MODES = {code: mode for mode, code in MODE_CODES.items()}
+
+MAX_CODE_BYTES = 1 << 20
+"""Hard cap on the code's bytes in a frame (the pool's own limit on characters is far lower)."""
+MAX_META_BYTES = 1 << 20
+"""Hard cap on the JSON metadata (stdout is capped in the child, traced ops are bounded)."""
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+"""Hard cap on the pixels of any image in a frame, whatever a pool's own (lower) limit."""
+
+
+class ProtocolError(Exception):
+    """A frame broke the protocol (bad magic, a length over its cap, truncated bytes)."""
+
+
+@dataclass
+class Request:
+    code: str
+    image: Image.Image
+    keep_alive: bool
+    """True in session mode: the child serves further requests on the same pipes."""
+    timeout_ms: int
+
+
+@dataclass
+class Response:
+    meta: dict[str, Any]
+    """Untrusted JSON written by the child; the pool validates every field it uses."""
+    image: Image.Image | None
+
+
+def wire_image(image: Image.Image) -> Image.Image:
+    """The image converted to a mode the protocol carries (L, RGB or RGBA), keeping alpha if any."""
+    if image.mode in MODE_CODES:
+        return image
+    if image.mode == "1":
+        return image.convert("L")
+    has_alpha = "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info)
+    return image.convert("RGBA" if has_alpha else "RGB")
+
+
+def _check_image_header(width: int, height: int, pixel_len: int, mode_code: int) -> str | None:
+    """The image's mode after checking the header fields against each other and the caps."""
+    if pixel_len == 0 and width == 0 and height == 0 and mode_code == 0:
+        return None
+    mode = _CODE_MODES.get(mode_code)
+    if mode is None:
+        raise ProtocolError(f"unknown image mode code {mode_code}")
+    if width == 0 or height == 0 or width * height > MAX_IMAGE_PIXELS:
+        raise ProtocolError(f"image size {width}x{height} outside the protocol's limits")
+    if pixel_len != width * height * MODE_BANDS[mode]:
+        raise ProtocolError(f"pixel length {pixel_len} does not match {width}x{height} {mode}")
+    return mode
+
+
+def create_shared_buffer(size: int) -> int:
+    """A memfd of ``size`` bytes, sealed so that neither side can shrink or grow it (a shrink
+    would make the other side's reads fault). Returns its descriptor."""
+    fd = os.memfd_create("cv_ray-pixels", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    return fd
+
+
+def map_shared_buffer(fd: int) -> mmap.mmap:
+    """Map a shared pixel buffer (its whole size) read-write."""
+    return mmap.mmap(fd, os.fstat(fd).st_size)
+
+
+def _put_pixels(image: Image.Image, shm: memoryview) -> int:
+    pixels = image.tobytes()
+    if len(pixels) > len(shm):
+        raise ProtocolError(f"image of {len(pixels)} bytes does not fit the {len(shm)}-byte shared buffer")
+    shm[:len(pixels)] = pixels
+    return len(pixels)
+
+
+def _take_image(mode: str, width: int, height: int, pixel_len: int, shm: memoryview) -> Image.Image:
+    if pixel_len > len(shm):
+        raise ProtocolError(f"pixel length {pixel_len} exceeds the {len(shm)}-byte shared buffer")
+    return Image.frombytes(mode, (width, height), shm[:pixel_len])
+
+
+def encode_request(code: str, image: Image.Image, keep_alive: bool, timeout_ms: int, shm: memoryview) -> list[bytes]:
+    """Put the pixels in ``shm``; return the request frame to write on the pipe (header, code)."""
+    image = wire_image(image)
+    code_bytes = code.encode("utf-8", errors="surrogatepass")
+    if len(code_bytes) > MAX_CODE_BYTES:
+        raise ProtocolError(f"code of {len(code_bytes)} bytes exceeds the protocol cap")
+    pixel_len = _put_pixels(image, shm)
+    header = _REQUEST_HEADER.pack(REQUEST_MAGIC, len(code_bytes), image.width, image.height, pixel_len,
+                                  MODE_CODES[image.mode], int(keep_alive), timeout_ms)
+    return [header, code_bytes]
+
+
+def encode_response(meta: dict[str, Any], image: Image.Image | None, shm: memoryview) -> list[bytes]:
+    """Put the pixels (if any) in ``shm``; return the response frame (header, JSON metadata)."""
+    meta_bytes = json.dumps(meta, ensure_ascii=True).encode("ascii")
+    if image is None:
+        return [_RESPONSE_HEADER.pack(RESPONSE_MAGIC, len(meta_bytes), 0, 0, 0, 0), meta_bytes]
+    pixel_len = _put_pixels(image, shm)
+    header = _RESPONSE_HEADER.pack(RESPONSE_MAGIC, len(meta_bytes), image.width, image.height, pixel_len,
+                                   MODE_CODES[image.mode])
+    return [header, meta_bytes]
+
+
+def write_frame(fd: int, buffers: list[bytes]) -> None:
+    """Write every buffer fully (blocking); a reader that went away raises BrokenPipeError."""
+    for buf in buffers:
+        view = memoryview(buf)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def read_exact(fd: int, size: int, deadline: float | None = None) -> bytearray | None:
+    """Exactly ``size`` bytes from ``fd``; None on EOF before the first byte.
+
+    With a ``deadline`` (``time.monotonic()`` seconds) the wait is bounded and TimeoutError is
+    raised when it passes; EOF in the middle of the frame raises ProtocolError.
+    """
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError(f"no data on fd {fd} before the deadline")
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            if got == 0:
+                return None
+            raise ProtocolError(f"stream ended after {got} of {size} bytes")
+        got += n
+    return buf
+
+
+def read_request(fd: int, shm: memoryview) -> Request | None:
+    """The next request on ``fd`` (child side, blocking); None when the parent closed the pipe."""
+    raw = read_exact(fd, _REQUEST_HEADER.size)
+    if raw is None:
+        return None
+    magic, code_len, width, height, pixel_len, mode_code, keep_alive, timeout_ms = _REQUEST_HEADER.unpack(raw)
+    if magic != REQUEST_MAGIC or code_len > MAX_CODE_BYTES:
+        raise ProtocolError("bad request header")
+    mode = _check_image_header(width, height, pixel_len, mode_code)
+    if mode is None:
+        raise ProtocolError("a request must carry an image")
+    code = bytes(read_exact(fd, code_len) or b"").decode("utf-8", errors="surrogatepass")
+    image = _take_image(mode, width, height, pixel_len, shm)
+    return Request(code=code, image=image, keep_alive=bool(keep_alive), timeout_ms=timeout_ms)
+
+
+def read_response(fd: int, deadline: float, max_pixels: int, shm: memoryview) -> Response | None:
+    """The child's response (parent side); None when the child closed the pipe without writing.
+
+    Raises ProtocolError on a malformed frame and TimeoutError when ``deadline`` passes. The
+    JSON metadata is parsed but not interpreted here; the pixels are checked against
+    ``max_pixels`` (the pool's limit) before they are read.
+    """
+    raw = read_exact(fd, _RESPONSE_HEADER.size, deadline)
+    if raw is None:
+        return None
+    magic, meta_len, width, height, pixel_len, mode_code = _RESPONSE_HEADER.unpack(raw)
+    if magic != RESPONSE_MAGIC:
+        raise ProtocolError("bad response magic")
+    if meta_len > MAX_META_BYTES:
+        raise ProtocolError(f"metadata of {meta_len} bytes exceeds the cap")
+    mode = _check_image_header(width, height, pixel_len, mode_code)
+    if mode is not None and width * height > max_pixels:
+        raise ProtocolError(f"image of {width}x{height} exceeds the pool's pixel limit")
+    meta_raw = read_exact(fd, meta_len, deadline) if meta_len else bytearray()
+    if meta_raw is None:
+        raise ProtocolError("response ended before its metadata")
+    try:
+        meta = json.loads(bytes(meta_raw).decode("ascii"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"metadata is not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError("metadata is not a JSON object")
+    image = _take_image(mode, width, height, pixel_len, shm) if mode is not None else None
+    return Response(meta=meta, image=image)

@@ -1,0 +1,216 @@
+"""The parent's handle on one zygote process: start it, take hardened children, run requests on them.
+
+A ``ZygoteProcess`` is used by one thread at a time (the pool's slot lock guarantees it). It holds
+the control socket to its zygote and, for every child it was handed, the child's request-write and
+response-read pipe ends, so request and response bytes go straight between this process and the
+child. See :mod:`cv_ray.sandbox.zygote` for the control messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cv_ray.sandbox import protocol
+from cv_ray.sandbox.zygote import ZYGOTE_ENV_NAMES
+
+log = logging.getLogger(__name__)
+
+#: Extra seconds the parent waits past a call's deadline before it declares the zygote broken.
+DEADLINE_GRACE_S = 2.0
+_START_TIMEOUT_S = 120.0
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class ZygoteError(RuntimeError):
+    """The zygote died or stopped answering (an infrastructure failure, never the model's)."""
+
+
+class ChildHandle:
+    """The parent's ends of one child: its request pipe, response pipe and shared pixel buffer."""
+
+    def __init__(self, pid: int, req_w: int, resp_r: int, shm_fd: int):
+        self.pid, self.req_w, self.resp_r = pid, req_w, resp_r
+        self._map = protocol.map_shared_buffer(shm_fd)
+        os.close(shm_fd)
+        self.shm = memoryview(self._map)
+
+    def close(self) -> None:
+        for fd in (self.req_w, self.resp_r):
+            os.close(fd)
+        self.shm.release()
+        self._map.close()
+
+
+@dataclass
+class Outcome:
+    """What happened to one request: a response, or how the child ended without one."""
+
+    response: protocol.Response | None = None
+    exit_reason: str | None = None
+    """``timeout``, ``idle``, ``killed`` or ``exited`` (from the zygote) when there is no response."""
+    exit_code: int | None = None
+    """The child's exit status (negative: killed by that signal)."""
+    protocol_error: str | None = None
+    """Set when the child wrote a malformed frame."""
+
+
+def zygote_env() -> dict[str, str]:
+    """The whole environment a zygote starts with: thread counts and where to import cv_ray from.
+
+    Nothing of the caller's environment (API keys, cloud or wandb credentials) is passed on.
+    """
+    env = {name: "1" for name in ZYGOTE_ENV_NAMES if name.endswith("_THREADS")}
+    env["PYTHONPATH"] = _PACKAGE_ROOT
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["PYTHONUTF8"] = "1"
+    env["PYTHONCOERCECLOCALE"] = "0"  # else CPython sets LC_CTYPE in its own environment
+    return env
+
+
+class ZygoteProcess:
+    def __init__(self, settings: dict[str, Any]):
+        """Launch a zygote (returns at once; :meth:`wait_ready` waits for its start-up report)."""
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cv_ray.sandbox.zygote", str(theirs.fileno()), json.dumps(settings)],
+            env=zygote_env(), pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, cwd="/", start_new_session=True,
+        )
+        theirs.close()
+        self.layers: dict[str, dict[str, Any]] | None = None
+        self._spares: list[ChildHandle] = []
+        self._tracked: set[int] = set()
+        """Children handed out and not yet released: their exit reports are kept."""
+        self._exits: dict[int, dict[str, Any]] = {}
+        self.served = 0
+
+    # ----- control channel --------------------------------------------------------------------
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self.sock.send(json.dumps(message).encode())
+        except OSError as exc:
+            raise ZygoteError(f"the sandbox zygote is gone ({exc})") from None
+
+    def _receive(self, timeout: float | None) -> bool:
+        """Handle one control message; False when none came within ``timeout`` (0: poll)."""
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return False
+        data, fds, _, _ = socket.recv_fds(self.sock, 65536, 3, socket.MSG_CMSG_CLOEXEC)
+        if not data:
+            raise ZygoteError(f"the sandbox zygote exited (status {self.proc.poll()})")
+        message = json.loads(data)
+        kind = message["msg"]
+        if kind == "spare":
+            self._spares.append(ChildHandle(message["pid"], *fds))
+        elif kind == "exit":
+            pid = message["pid"]
+            if pid in self._tracked:
+                self._exits[pid] = message
+            for spare in [s for s in self._spares if s.pid == pid]:  # a spare that died unused
+                self._spares.remove(spare)
+                spare.close()
+        elif kind == "hello":
+            self.layers = message["layers"]
+        return True
+
+    def _receive_until(self, done, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._receive(remaining):
+                if self.proc.poll() is not None:
+                    raise ZygoteError(f"the sandbox zygote exited with status {self.proc.returncode} "
+                                      f"while waiting for {what}")
+                raise ZygoteError(f"the sandbox zygote sent no {what} within {timeout:g} s")
+
+    def drain(self) -> None:
+        """Handle every control message already waiting (spares, exit reports)."""
+        while self._receive(0):
+            pass
+
+    # ----- lifecycle ----------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = _START_TIMEOUT_S) -> dict[str, dict[str, Any]]:
+        """Block until the zygote reports its isolation layers; returns them."""
+        self._receive_until(lambda: self.layers is not None, timeout, "start-up report")
+        assert self.layers is not None
+        return self.layers
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        """Stop the zygote and every child it holds (idempotent)."""
+        if self.proc.poll() is None:
+            try:
+                self.sock.send(b'{"cmd": "quit"}')
+            except OSError as exc:  # the zygote is exiting already; the wait/kill below covers it
+                log.debug("zygote %d did not take the quit command: %s", self.proc.pid, exc)
+            try:
+                self.proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.sock.close()
+        for spare in self._spares:
+            spare.close()
+        self._spares.clear()
+
+    # ----- children -----------------------------------------------------------------------------
+
+    def take_child(self, timeout: float = 30.0) -> ChildHandle:
+        """A hardened child blocked on its request pipe (the zygote forks the next spare on ``go``)."""
+        self.drain()
+        self._receive_until(lambda: bool(self._spares), timeout, "spare child")
+        child = self._spares.pop(0)
+        self._tracked.add(child.pid)
+        return child
+
+    def exited(self, child: ChildHandle) -> bool:
+        """Whether a tracked (session) child has ended since it was handed out."""
+        self.drain()
+        return child.pid in self._exits
+
+    def release(self, child: ChildHandle, kill: bool) -> None:
+        """Forget a child: close our pipe ends (a per-call child has exited or will see EOF)."""
+        if kill and child.pid not in self._exits:
+            self._send({"cmd": "kill", "pid": child.pid})
+        self._tracked.discard(child.pid)
+        self._exits.pop(child.pid, None)
+        child.close()
+
+    def execute(self, child: ChildHandle, code: str, image, timeout_s: float, keep_alive: bool,
+                max_pixels: int) -> Outcome:
+        """Run ``code`` on ``image`` in ``child`` under a wall-clock deadline the zygote enforces."""
+        frame = protocol.encode_request(code, image, keep_alive, int(timeout_s * 1000), child.shm)
+        self._send({"cmd": "go", "pid": child.pid, "timeout_s": timeout_s})
+        self.served += 1
+        try:
+            protocol.write_frame(child.req_w, frame)
+            response = protocol.read_response(child.resp_r, time.monotonic() + timeout_s + DEADLINE_GRACE_S,
+                                              max_pixels, child.shm)
+        except BrokenPipeError:
+            response = None
+        except TimeoutError:
+            raise ZygoteError("the sandbox zygote did not stop a child at its deadline") from None
+        except protocol.ProtocolError as exc:
+            self._send({"cmd": "kill", "pid": child.pid})
+            return Outcome(protocol_error=str(exc))
+        if response is not None:
+            if keep_alive:
+                self._send({"cmd": "done", "pid": child.pid})
+            return Outcome(response=response)
+        self._receive_until(lambda: child.pid in self._exits, DEADLINE_GRACE_S, "exit report")
+        report = self._exits[child.pid]
+        return Outcome(exit_reason=report["reason"], exit_code=report["code"])
