@@ -41,7 +41,7 @@ class FixedOpRules:
     """Our reading: what actually reached the model, in one frame."""
 
     def counts(self, op: UsedOp) -> bool:
-        return op.call_ok
+        return op.call_ok and op.verified
 
     def crop_box(self, op: UsedOp) -> Box | None:
         return op.box

@@ -30,6 +30,10 @@ class UsedOp:
     a geometric view of image 0."""
     raw_box: Box | None = None
     """A crop's box as reported, in the frame of the image the call ran on (reference-compat mode)."""
+    verified: bool = True
+    """False when the sandbox could not check the op against the pixels (``"unverified"`` in its
+    report: the child's trace fits the result's size, but the pixels cannot confirm it). Such an op
+    came only from the untrusted child, so the fixed reward does not pay for it."""
 
 
 @dataclass
@@ -65,6 +69,7 @@ def outcome_from_trajectory(traj: Trajectory) -> SampleOutcome:
                 call_ok=call.ok,
                 box=map_box(to_origin, raw_box) if raw_box is not None and to_origin is not None else None,
                 raw_box=raw_box,
+                verified=not op.get("unverified", False),
             ))
     return SampleOutcome(
         response_text=traj.response_text,

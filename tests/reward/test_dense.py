@@ -203,3 +203,25 @@ def test_judge_failure_is_flagged():
     means = mean_components(out)
     assert means["judge_failed"] == 0.5
     assert means["total"] == pytest.approx((0.1 + 1.1) / 2)
+
+
+def test_unverified_ops_earn_nothing_in_the_fixed_reward():
+    # The sandbox marks an op "unverified" when only the (untrusted) child's trace supports it.
+    t = task(required=["rotate_90"])
+    unverified = dataclasses.replace(op("rotate_90"), verified=False)
+    out = score_group(t, [sample(True, [unverified]), sample(True, [op("rotate_90")])], FIXED)
+    check(out[0], {"acc": 1, "fmt": 1}, 1.1)                                 # no mandatory, no exact credit
+    check(out[1], {"acc": 1, "fmt": 1, "mandatory": 1, "exact": 1}, 2.2)
+
+
+def test_outcome_keeps_the_unverified_mark():
+    from reward_testlib import call, trajectory
+
+    from cv_ray.reward.outcome import outcome_from_trajectory
+
+    identity = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    traj = trajectory([None, None], [identity, None],
+                      [call(0, [{"op": "rotate_90", "unverified": True}, {"op": "flip_vertical"}], output_index=1)],
+                      "<answer>7</answer>")
+    ops = outcome_from_trajectory(traj).ops
+    assert [(o.name, o.verified) for o in ops] == [("rotate_90", False), ("flip_vertical", True)]
