@@ -48,7 +48,7 @@ from cv_ray.types import CORE_OPS, ORIENTATION_OPS, Matrix3
 NON_CORE_OPS: frozenset[str] = frozenset({
     "contrast_up", "contrast_down", "brightness_up", "brightness_down",
     "sharpness_up", "sharpness_down", "saturation_up", "saturation_down",
-    "blur", "sharpen", "edge_detection", "grayscale", "invert", "autocontrast", "equalize",
+    "blur", "denoise", "sharpen", "edge_detection", "grayscale", "invert", "autocontrast", "equalize",
     "posterize", "solarize", "threshold", "morphology", "convolve", "lut", "color_convert",
     "blend", "draw", "resize", "pad", "rotate_arbitrary", "affine", "perspective",
 })

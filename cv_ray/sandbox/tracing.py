@@ -71,7 +71,10 @@ assert DIHEDRAL_SEQUENCES[6] == ("flip_horizontal", "rotate_90")
 
 #: ``ImageFilter`` class name -> op name.
 _FILTER_OPS: dict[str, str] = {
-    **dict.fromkeys(["BLUR", "GaussianBlur", "BoxBlur", "SMOOTH", "SMOOTH_MORE", "MedianFilter"], "blur"),
+    **dict.fromkeys(["BLUR", "GaussianBlur", "BoxBlur", "SMOOTH", "SMOOTH_MORE"], "blur"),
+    # Median and edge-preserving filters remove noise rather than soften everything: "denoise", the
+    # fix the data generator records for noise and JPEG corruptions.
+    "MedianFilter": "denoise",
     **dict.fromkeys(["SHARPEN", "UnsharpMask", "DETAIL", "EDGE_ENHANCE", "EDGE_ENHANCE_MORE"], "sharpen"),
     **dict.fromkeys(["FIND_EDGES", "CONTOUR", "EMBOSS"], "edge_detection"),
     **dict.fromkeys(["MinFilter", "MaxFilter", "ModeFilter", "RankFilter"], "morphology"),
@@ -86,7 +89,9 @@ _IMAGEOPS_PHOTOMETRIC: dict[str, str] = {
 }
 #: Photometric cv2 functions (output keeps the input's geometry) -> op name.
 _CV2_PHOTOMETRIC: dict[str, str] = {
-    **dict.fromkeys(["GaussianBlur", "blur", "medianBlur", "bilateralFilter", "boxFilter", "stackBlur"], "blur"),
+    **dict.fromkeys(["GaussianBlur", "blur", "boxFilter", "stackBlur"], "blur"),
+    **dict.fromkeys(["medianBlur", "bilateralFilter", "fastNlMeansDenoising", "fastNlMeansDenoisingColored"],
+                    "denoise"),
     **dict.fromkeys(["Canny", "Sobel", "Scharr", "Laplacian"], "edge_detection"),
     **dict.fromkeys(["threshold", "adaptiveThreshold"], "threshold"),
     **dict.fromkeys(["erode", "dilate", "morphologyEx"], "morphology"),
