@@ -1,0 +1,102 @@
+"""Robustness evaluation: a checkpoint through the agent loop on benchmark suites, tools on and off.
+
+    cv-ray trainer.stage=eval model.path=/ckpt/Qwen2.5-VL-7B model.build_tiny="" eval.suites=[orientation,zoom]
+    cv-ray trainer.stage=eval eval.suites=[/data/mvtoolbench.parquet]      # the reference's suite layout
+
+Each suite is read from the run's data directory (`suites/<name>-vN.parquet`), generated on demand
+when missing, or read from a path (our Parquet/JSONL or the reference's MVToolBench layout). Both
+modes use the same prompts; "without tools" drops the tool schema and executes no code. Answers are
+scored by the reward's answer checker; the report goes to `<run>/eval/`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cv_ray.config import Config
+from cv_ray.eval.metrics import EvalRecord, summarize
+from cv_ray.eval.report import write_report
+from cv_ray.geometry import iou
+from cv_ray.types import RewardBreakdown, Task, Trajectory
+
+log = logging.getLogger("cv_ray.eval")
+
+
+def load_suite(name: str, data_dir: Path, seed: int, size: int, image_size: int) -> tuple[str, list[Task]]:
+    """(suite name, tasks): a path, a built suite in the data directory, or a freshly generated one."""
+    from cv_ray.data.records import read_tasks
+    from cv_ray.data.suites import build_suite, resolve_suite_name
+
+    path = Path(name)
+    if path.suffix in (".parquet", ".jsonl") and path.exists():
+        return path.stem, list(read_tasks(path))
+    resolved = resolve_suite_name(name)
+    built = Path(data_dir) / "suites" / f"{resolved}.parquet"
+    if built.exists():
+        return resolved, list(read_tasks(built))
+    log.info("eval: suite %s not in %s; generating it (seed %d)", resolved, data_dir, seed)
+    return resolved, list(build_suite(resolved, seed, size, image_size))
+
+
+def eval_record(task: Task, traj: Trajectory, breakdown: RewardBreakdown, suite: str, with_tools: bool) -> EvalRecord:
+    from cv_ray.reward import outcome_from_trajectory
+
+    outcome = outcome_from_trajectory(traj)
+    used = sorted({op.name for op in outcome.ops if op.call_ok})
+    crops = [op.box for op in outcome.ops if op.call_ok and op.name == "crop" and op.box is not None]
+    crop_iou = max((iou(box, task.answer_box) for box in crops), default=None) if task.answer_box and crops else None
+    errors: dict[str, int] = {}
+    for call in traj.tool_calls:
+        if not call.ok:
+            cls = call.parse_error_class if not call.parsed else (call.result.error_class if call.result else "sandbox")
+            errors[cls or "unknown"] = errors.get(cls or "unknown", 0) + 1
+    return EvalRecord(
+        task_uid=task.uid, suite=suite, transform=str(task.extra.get("transform", "none")),
+        base_id=str(task.extra.get("base_id", task.uid)), with_tools=with_tools,
+        correct=bool(breakdown.components.get("correct", 0.0)), tool_calls=len(traj.tool_calls),
+        tool_errors=errors, turns=traj.num_turns, ops_used=used, required_ops=list(task.required_ops),
+        crop_iou=crop_iou,
+    )
+
+
+def evaluate(model_dir: Path, cfg: Config, data_dir: Path, out_dir: Path) -> tuple[dict[str, dict], dict[str, Path]]:
+    """Run every suite in both modes and write the report. Returns (summaries per mode, report paths)."""
+    from cv_ray.reward import RewardGroup
+    from cv_ray.rollout.worker import RolloutGroup
+    from cv_ray.sandbox import SandboxGroup
+
+    suites = [load_suite(name, data_dir, cfg.data.seed, cfg.data.suite_size, cfg.data.image_size)
+              for name in cfg.eval.suites]
+    tasks = [(suite, task) for suite, suite_tasks in suites for task in suite_tasks]
+    if not tasks:
+        raise ValueError(f"eval.suites={cfg.eval.suites} hold no tasks")
+    modes = [m for m, on in (("with_tools", cfg.eval.with_tools), ("without_tools", cfg.eval.without_tools)) if on]
+    log.info("eval: %s on %d tasks (%s), modes %s", model_dir, len(tasks), ", ".join(s for s, _ in suites), modes)
+
+    sandbox = SandboxGroup(cfg.sandbox)
+    rollout = RolloutGroup(str(model_dir), replace(cfg.rollout, temperature=cfg.eval.temperature), sandbox)
+    reward = RewardGroup(cfg.reward)
+    summaries: dict[str, dict[str, Any]] = {}
+    try:
+        for mode in modes:
+            use_tools = mode == "with_tools"
+            plain = [task for _, task in tasks]
+            trajectories, _ = rollout.rollout(plain, cfg.eval.n_samples, use_tools=use_tools)
+            by_uid: dict[str, list[Trajectory]] = {}
+            for traj in trajectories:
+                by_uid.setdefault(traj.uid, []).append(traj)
+            groups = [(task, by_uid[task.uid]) for task in plain]
+            breakdowns, _ = reward.score(groups)
+            records = [eval_record(task, traj, b, suite, use_tools)
+                       for (suite, task), (_, trajs), bs in zip(tasks, groups, breakdowns)
+                       for traj, b in zip(trajs, bs)]
+            summaries[mode] = summarize(records)
+            log.info("eval %s: accuracy %.3f", mode, summaries[mode]["accuracy"])
+    finally:
+        for group in (rollout, sandbox):
+            group.shutdown()
+    paths = write_report(out_dir, summaries, title=f"cv_ray evaluation of {Path(model_dir).name}")
+    return summaries, paths
