@@ -1,4 +1,8 @@
-"""Configuration of the DeepSpeed learner group (Hydra group `learner`)."""
+"""Configuration of the DeepSpeed learner group (Hydra group `learner`).
+
+Variant names (`policy_loss`, `advantage`, `aggregation`, `kl_estimator`, `lr_schedule`) are checked
+against the registries of the pure-math modules (cv_ray.learner.losses / advantages / schedule).
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,9 @@ class LossConfig:
     entropy_coef: float = 0.0
     """Entropy bonus weight."""
     tis_cap: float = 0.0
-    """Truncated importance sampling cap between rollout and learner log-probs (0 disables)."""
+    """Truncated importance sampling cap between rollout and learner log-probs (0 disables). When on,
+    PPO's ratio is taken against the learner's own pre-update log-probs and each token's loss is
+    weighted by min(pi_learner / pi_rollout, tis_cap); when off, against the rollout log-probs."""
 
 
 @dataclass
@@ -51,11 +57,20 @@ class LearnerConfig:
     mini_batch_size: int = 0
     """Sequences per optimizer step across ranks (0: the whole RL batch in one step)."""
     ppo_epochs: int = 1
+    """Passes over each RL batch."""
+    temperature: float = 1.0
+    """Sampling temperature the log-probs are scored under; must equal rollout.temperature, or the
+    importance ratio is not 1 on-policy."""
     gradient_checkpointing: bool = False
     freeze_vision: bool = True
-    """Freeze the vision tower and projector (the reference recipe does for SFT)."""
+    """Freeze the vision tower and projector (`model.visual`, its merger included; the reference
+    recipe does for SFT)."""
     precision: str = "auto"
     """`auto` (bf16 on GPU, fp32 on CPU), `bf16` or `fp32`."""
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel (`sdpa`, `eager`, `flash_attention_2` where installed)."""
+    weight_bucket_mb: int = 512
+    """Weight push / export: ZeRO-3 gathers parameters in buckets of at most this many MiB."""
     loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self, prefix: str = "learner") -> None:
@@ -67,17 +82,40 @@ class LearnerConfig:
             raise ConfigError(f"{prefix}.lr", f"got {self.lr}", "use a positive learning rate")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"{prefix}.warmup_ratio", f"got {self.warmup_ratio}", "use a value in [0, 1)")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"{prefix}.lr_schedule", f"got {self.lr_schedule!r}", "use `cosine` or `constant`")
+        # Registries live with the math; imported here so the config module itself stays light.
+        from cv_ray.learner.advantages import ADVANTAGE_ESTIMATORS
+        from cv_ray.learner.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+        from cv_ray.learner.schedule import LR_SCHEDULES
+
+        def check_name(key: str, value: str, registry) -> None:
+            if value not in registry:
+                raise ConfigError(f"{prefix}.{key}", f"got {value!r}", f"use one of {', '.join(sorted(registry))}")
+
+        check_name("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.micro_batch_size < 1:
             raise ConfigError(f"{prefix}.micro_batch_size", f"got {self.micro_batch_size}", "use at least 1")
+        if self.mini_batch_size < 0:
+            raise ConfigError(f"{prefix}.mini_batch_size", f"got {self.mini_batch_size}", "use 0 (whole batch) or more")
+        if self.ppo_epochs < 1:
+            raise ConfigError(f"{prefix}.ppo_epochs", f"got {self.ppo_epochs}", "use at least 1")
+        if self.temperature < 0:
+            raise ConfigError(f"{prefix}.temperature", f"got {self.temperature}", "use rollout.temperature (>= 0)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{prefix}.precision", f"got {self.precision!r}", "use `auto`, `bf16` or `fp32`")
+        if self.weight_bucket_mb < 1:
+            raise ConfigError(f"{prefix}.weight_bucket_mb", f"got {self.weight_bucket_mb}", "use at least 1")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{prefix}.grad_clip", f"got {self.grad_clip}", "use 0 (off) or a positive norm")
         loss = self.loss
-        if loss.aggregation not in ("token_mean", "seq_mean"):
-            raise ConfigError(f"{prefix}.loss.aggregation", f"got {loss.aggregation!r}", "use `token_mean` or `seq_mean`")
-        if loss.kl_estimator not in ("k1", "k3"):
-            raise ConfigError(f"{prefix}.loss.kl_estimator", f"got {loss.kl_estimator!r}", "use `k1` or `k3`")
+        check_name("loss.policy_loss", loss.policy_loss, POLICY_LOSSES)
+        check_name("loss.advantage", loss.advantage, ADVANTAGE_ESTIMATORS)
+        check_name("loss.aggregation", loss.aggregation, AGGREGATIONS)
+        check_name("loss.kl_estimator", loss.kl_estimator, KL_ESTIMATORS)
+        if loss.kl_coef < 0 or loss.entropy_coef < 0 or loss.tis_cap < 0:
+            raise ConfigError(f"{prefix}.loss", f"kl_coef={loss.kl_coef}, entropy_coef={loss.entropy_coef}, "
+                              f"tis_cap={loss.tis_cap}", "use non-negative values (0 disables each)")
+        if 0 < loss.tis_cap < 1:
+            raise ConfigError(f"{prefix}.loss.tis_cap", f"got {loss.tis_cap}", "use 0 (off) or a cap >= 1, e.g. 2")
         if not (0 <= loss.clip_low < 1 and loss.clip_high >= 0):
             raise ConfigError(f"{prefix}.loss.clip_low", f"clip range [{loss.clip_low}, {loss.clip_high}]",
                               "use 0 <= clip_low < 1 and clip_high >= 0")

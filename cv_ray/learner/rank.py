@@ -1,0 +1,76 @@
+"""The Ray actor of one learner rank: joins the torch.distributed group, then hosts a RankWorker.
+
+A thin shell: it sets the environment that plain torch.distributed / DeepSpeed code reads
+(``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), initialises the process
+group (NCCL on GPU, gloo on CPU) and forwards each call to :class:`cv_ray.learner.worker.RankWorker`.
+Ray gives each GPU rank its own ``CUDA_VISIBLE_DEVICES``, so every rank's device is ``cuda:0`` and
+``LOCAL_RANK`` is 0. Created and driven only by :class:`cv_ray.learner.group.LearnerGroup`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import ray
+
+from cv_ray.learner.config import LearnerConfig
+
+
+@ray.remote
+class LearnerRank:
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.worker = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port for the group's rendezvous (asked of rank 0)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int, model_path: str, cfg: LearnerConfig, total_steps: int,
+              seed: int) -> None:
+        import deepspeed
+        import torch
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        backend = "nccl" if cfg.gpus_per_rank > 0 and torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+        from cv_ray.learner.worker import RankWorker
+
+        self.worker = RankWorker(model_path, cfg, self.rank, self.world_size, total_steps, seed)
+
+    def compute_logprobs(self, samples, which: str):
+        return self.worker.compute_logprobs(samples, which)
+
+    def sft_step(self, samples, denominator: float) -> dict[str, Any]:
+        return self.worker.sft_step(samples, denominator)
+
+    def rl_update(self, samples, denominator: float) -> dict[str, Any]:
+        return self.worker.rl_update(samples, denominator)
+
+    def gather_weights(self):
+        return self.worker.gather_weights()
+
+    def save_checkpoint(self, directory: str, client_state: dict[str, Any]) -> None:
+        self.worker.save_checkpoint(directory, client_state)
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]:
+        return self.worker.load_checkpoint(directory)
+
+    def export_hf(self, directory: str):
+        return self.worker.export_hf(directory)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        self.worker = None
+        if dist.is_initialized():
+            dist.destroy_process_group()

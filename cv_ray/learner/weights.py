@@ -1,0 +1,57 @@
+"""Full weights out of a (possibly ZeRO-3-partitioned) model, one bucket at a time.
+
+Under ZeRO-3 each rank holds a shard of every parameter and ``param.numel()`` is 0; the real size is
+``param.ds_numel``. Gathering the whole model at once needs the whole model's memory on every rank,
+so parameters are gathered in buckets of at most ``bucket_numel`` elements with
+``deepspeed.zero.GatheredParameters`` (a collective: every rank must walk the same buckets), copied
+to CPU on the receiving rank, and released before the next bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def full_numel(param: torch.nn.Parameter) -> int:
+    """Number of elements of the whole parameter, partitioned (ZeRO-3) or not."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_numel: int
+             ) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+    bucket: list[tuple[str, torch.nn.Parameter]] = []
+    size = 0
+    for name, param in named:
+        n = full_numel(param)
+        if bucket and size + n > bucket_numel:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, param))
+        size += n
+    if bucket:
+        yield bucket
+
+
+def iter_full_weights(module: torch.nn.Module, partitioned: bool, keep: bool, bucket_numel: int
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, full tensor on CPU)`` for every parameter of ``module``; yields only where ``keep``.
+
+    Every rank must consume the whole iterator (the gathers are collective); ranks with ``keep``
+    false get nothing. Names are ``module.named_parameters`` names (the Hugging Face state-dict names
+    of the ``*ForConditionalGeneration`` model); tied parameters appear under each of their names.
+    """
+    named = list(module.named_parameters(remove_duplicate=False))
+    for bucket in _buckets(named, bucket_numel):
+        params = [p for _, p in bucket]
+        if partitioned:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list({id(p): p for p in params}.values()), modifier_rank=None)
+        else:
+            gather = contextlib.nullcontext()
+        with gather:
+            copies = [(name, p.detach().to("cpu", copy=True)) for name, p in bucket] if keep else []
+        yield from copies

@@ -1,0 +1,211 @@
+"""The learner group end to end on the tiny models: 2 CPU ranks (gloo), ZeRO-2 and ZeRO-3, real Ray actors.
+
+One group per (model, ZeRO stage) is shared by the tests of this module (DeepSpeed start-up is the
+slow part); each test brings the group to the state it needs rather than relying on test order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import ray
+import torch
+from learner_samples import make_samples
+
+from cv_ray.learner.checkpoint import DataPosition
+from cv_ray.learner.config import LearnerConfig, LossConfig
+from cv_ray.learner.group import LearnerGroup
+
+pytestmark = pytest.mark.slow
+
+LR = 1e-3
+
+
+@dataclasses.dataclass
+class Setup:
+    group: LearnerGroup
+    family: str
+    path: str
+    processor: object
+
+
+@pytest.fixture(scope="module", params=[("qwen2_5_vl", 2), ("qwen3_vl", 3)], ids=["qwen25-zero2", "qwen3-zero3"])
+def setup(request, ray_local, tiny_model_dirs):
+    from transformers import AutoProcessor
+
+    family, stage = request.param
+    path = str(tiny_model_dirs[family])
+    cfg = LearnerConfig(num_ranks=2, zero_stage=stage, lr=LR, micro_batch_size=2, warmup_ratio=0.0,
+                        lr_schedule="constant", loss=LossConfig(kl_coef=0.05))
+    group = LearnerGroup(path, cfg, total_steps=100, seed=0)
+    yield Setup(group, family, path, AutoProcessor.from_pretrained(path))
+    group.shutdown()
+
+
+def _weights(group: LearnerGroup) -> dict[str, torch.Tensor]:
+    return ray.get(group.gather_weights())
+
+
+def _on_policy(group: LearnerGroup, samples):
+    """RL samples whose rollout log-probs are the learner's own (as an exact rollout engine would give)."""
+    logprobs = group.compute_logprobs(samples, "policy")
+    return [dataclasses.replace(s, rollout_logprobs=np.where(s.loss_mask > 0, lp, 0.0))
+            for s, lp in zip(samples, logprobs)]
+
+
+def _trained_mean(samples, logprobs) -> np.ndarray:
+    return np.array([lp[s.loss_mask > 0].mean() for s, lp in zip(samples, logprobs)])
+
+
+def _mixed(processor, seed: int, rl: bool = False):
+    """Two sequences with an image, then two without: with 2 ranks, rank 1 gets no image at all, so
+    its vision tower must still run (ZeRO-3's collective gathers) or the ranks wait forever."""
+    return (make_samples(processor, 2, seed=seed, rl=rl)
+            + make_samples(processor, 2, seed=seed + 100, rl=rl, with_images=False))
+
+
+def test_sft_loss_decreases_on_a_fixed_batch(setup):
+    samples = _mixed(setup.processor, seed=1)
+    losses = [setup.group.sft_step(samples)["sft/loss"] for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
+
+
+def test_rl_step_moves_the_policy_and_not_the_reference(setup):
+    group = setup.group
+    samples = _on_policy(group, _mixed(setup.processor, seed=2, rl=True))  # advantages +1, -1, +1, -1
+    ref_before = group.compute_logprobs(samples, "reference")
+    policy_before = group.compute_logprobs(samples, "policy")
+    weights_before = _weights(group)
+
+    metrics = group.rl_step(samples)
+
+    # On-policy first update: the importance ratio is exactly 1, nothing is clipped.
+    assert metrics["rl/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["rl/clip_frac_low"] == 0 and metrics["rl/clip_frac_high"] == 0
+    assert metrics["rl/updates"] == 1 and np.isfinite(metrics["rl/kl"])
+    weights_after = _weights(group)
+    changed = [n for n in weights_before if not torch.equal(weights_before[n], weights_after[n])]
+    assert any("language_model" in n for n in changed) and "lm_head.weight" in changed
+    assert not any(".visual." in n for n in changed), "the vision tower is frozen (freeze_vision=True)"
+    for before, after in zip(ref_before, group.compute_logprobs(samples, "reference")):
+        np.testing.assert_array_equal(before, after)
+    # The update raised the log-probs of the positive-advantage samples relative to the negative ones.
+    delta = _trained_mean(samples, group.compute_logprobs(samples, "policy")) - _trained_mean(samples, policy_before)
+    assert delta[[0, 2]].mean() > delta[[1, 3]].mean()
+
+
+@ray.remote
+class HFReceiver:
+    """A rollout-side receiver: the rollout's HFEngine behind an actor, as a RolloutWorker holds it."""
+
+    def __init__(self, path: str):
+        from cv_ray.rollout.hf_engine import HFEngine
+
+        self.engine = HFEngine(path)
+
+    def update_weights(self, named_tensors) -> int:
+        return asyncio.run(self.engine.update_weights(named_tensors))
+
+    def logprobs(self, samples) -> list[np.ndarray]:
+        from cv_ray.agent.chat import banned_token_ids
+        from cv_ray.learner.batch import collate
+        from cv_ray.learner.forward import sequence_logprobs
+
+        model = self.engine.model
+        batch = collate(samples, self.engine.processor, self.engine.pad_id)
+        with torch.no_grad():
+            logp, _ = sequence_logprobs(model, batch, 1.0, banned_token_ids(model.config))
+        return [logp[i, :n].numpy() for i, n in enumerate(batch.lengths)]
+
+
+def test_pushed_weights_reproduce_the_learners_logprobs(setup):
+    group = setup.group
+    samples = make_samples(setup.processor, 4, seed=4)
+    group.sft_step(samples)  # make sure the policy has left its initial weights
+    receiver = HFReceiver.remote(setup.path)
+    learner = group.compute_logprobs(samples, "policy")
+    stale = ray.get(receiver.logprobs.remote(samples))
+    assert max(np.abs(a - b).max() for a, b in zip(learner, stale)) > 1e-3  # the check below can fail
+
+    timings = group.push_weights([receiver])
+
+    assert timings["push/total_s"] > 0
+    for a, b in zip(learner, ray.get(receiver.logprobs.remote(samples))):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    ray.kill(receiver)
+
+
+def test_export_hf_loads_with_from_pretrained(setup, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from cv_ray.agent.chat import banned_token_ids
+    from cv_ray.learner.batch import collate
+    from cv_ray.learner.forward import sequence_logprobs
+
+    group = setup.group
+    samples = make_samples(setup.processor, 3, seed=5)
+    group.sft_step(samples)
+    out = group.export_hf(tmp_path / "export")
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    batch = collate(samples, processor, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        exported, _ = sequence_logprobs(model, batch, 1.0, banned_token_ids(model.config))
+    for row, lp in enumerate(group.compute_logprobs(samples, "policy")):
+        np.testing.assert_allclose(exported[row, :len(lp)].numpy(), lp, atol=1e-5, rtol=0)
+
+
+def _train_until(group: LearnerGroup, batches, position: DataPosition, last_step: int, save_at: dict) -> DataPosition:
+    """Train on ``batches[position.batch]`` until the learner's step reaches ``last_step``, saving on the way."""
+    while group.global_step < last_step:
+        if group.global_step in save_at:
+            group.save_checkpoint(save_at[group.global_step], {"data": position, "note": "resume-test"})
+        group.sft_step(batches[position.batch])
+        position = position.advance(len(batches))
+    return position
+
+
+def test_checkpoint_resumes_mid_epoch_and_at_an_epoch_boundary(setup, tmp_path):
+    group = setup.group
+    batches = [make_samples(setup.processor, 2, seed=10 + i) for i in range(3)]  # 3 batches per epoch
+    start = group.global_step
+    mid, boundary = start + 1, start + 3  # saved before the 2nd batch of epoch 0, and at epoch 1's start
+    dirs = {mid: tmp_path / "mid", boundary: tmp_path / "boundary"}
+    end = _train_until(group, batches, DataPosition(), start + 5, dirs)
+    final = _weights(group)
+    assert end == DataPosition(1, 2)
+
+    for saved_step, directory in dirs.items():
+        client = group.load_checkpoint(directory)
+        assert group.global_step == saved_step and client["note"] == "resume-test"
+        assert client["data"] == (DataPosition(0, 1) if saved_step == mid else DataPosition(1, 0))
+        resumed_end = _train_until(group, batches, client["data"], start + 5, {})
+        assert resumed_end == end
+        resumed = _weights(group)
+        for name, tensor in final.items():
+            torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=f"{name} after resume")
+
+
+@pytest.mark.gpu
+def test_bf16_zero3_on_one_gpu(ray_local, tiny_qwen25, processor25, tmp_path):
+    """The GPU path: NCCL process group, bf16 engine, ZeRO-3, gradient checkpointing; export loads."""
+    from transformers import AutoModelForImageTextToText
+
+    cfg = LearnerConfig(num_ranks=1, gpus_per_rank=1.0, zero_stage=3, lr=LR, micro_batch_size=2, warmup_ratio=0.0,
+                        gradient_checkpointing=True, loss=LossConfig(kl_coef=0.05))
+    group = LearnerGroup(str(tiny_qwen25), cfg, total_steps=10)
+    try:
+        samples = make_samples(processor25, 4, seed=1)
+        losses = [group.sft_step(samples)["sft/loss"] for _ in range(4)]
+        assert losses[-1] < losses[0], losses
+        weights = ray.get(group.gather_weights())
+        assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in weights.values())
+        model = AutoModelForImageTextToText.from_pretrained(group.export_hf(tmp_path / "export"))
+        assert set(weights) <= set(model.state_dict())
+    finally:
+        group.shutdown()
