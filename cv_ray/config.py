@@ -166,6 +166,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError("logger.backends", f"unknown backend {backend!r}", "use console, jsonl and/or wandb")
     if cfg.logger.wandb_mode not in ("online", "offline", "disabled"):
         raise ConfigError("logger.wandb_mode", f"got {cfg.logger.wandb_mode!r}", "use online, offline or disabled")
+    if cfg.learner.temperature != cfg.rollout.temperature:
+        raise ConfigError("learner.temperature",
+                          f"{cfg.learner.temperature} differs from rollout.temperature={cfg.rollout.temperature}: "
+                          "the learner must score tokens at the temperature they were sampled with",
+                          "leave learner.temperature at its default `${rollout.temperature}`")
     if cfg.trainer.sft.batch_size % cfg.learner.num_ranks:
         raise ConfigError("trainer.sft.batch_size",
                           f"{cfg.trainer.sft.batch_size} sequences do not split over learner.num_ranks={cfg.learner.num_ranks}",

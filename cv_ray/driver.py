@@ -202,7 +202,7 @@ def stage_sft(ctx: RunContext) -> dict[str, Any]:
         out = learner.export_hf(ctx.work_dir / "sft_model")
     finally:
         learner.shutdown()
-    return {"model": str(out), "steps": steps, "final": {f"sft/{k}": v for k, v in metrics.items() if k == "loss"}}
+    return {"model": str(out), "steps": steps, "final": {k: v for k, v in metrics.items() if k == "sft/loss"}}
 
 
 def stage_rl(ctx: RunContext) -> dict[str, Any]:

@@ -22,8 +22,8 @@ log = logging.getLogger("cv_ray")
 
 # Keys shown on the one-line console summary of a step, in this order, when present.
 _CONSOLE_KEYS = (
-    "loss", "reward/total", "reward/acc", "eval/accuracy", "tool/calls_per_traj", "tool/error_rate",
-    "learner/kl", "learner/clip_frac", "learner/grad_norm", "time/step_s",
+    "sft/loss", "sft/grad_norm", "reward/total", "reward/correct", "eval/accuracy", "rollout/tool_calls_mean",
+    "rollout/tool_errors", "learner/rl/loss", "learner/rl/kl", "learner/rl/grad_norm", "time/step_s",
 )
 
 
