@@ -39,7 +39,11 @@ def _hydra_entry(raw: DictConfig) -> float | None:
         # A clean, one-line message instead of a traceback: the user's fix is in it.
         print(f"cv-ray: {err}", file=sys.stderr)
         sys.exit(2)
-    return run(cfg)
+    try:
+        return run(cfg)
+    except ConfigError as err:  # raised once the cluster's resources are known
+        print(f"cv-ray: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

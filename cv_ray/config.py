@@ -188,6 +188,22 @@ def validate(cfg: Config) -> None:
                           "make learner.mini_batch_size a multiple of learner.num_ranks")
 
 
+def validate_resources(cfg: Config, resources: dict[str, float]) -> None:
+    """Check the actor groups fit the Ray cluster (``ray.cluster_resources()``) before creating them."""
+    gpus = resources.get("GPU", 0.0)
+    if cfg.rollout.engine == "vllm" and gpus == 0:
+        raise ConfigError("rollout.engine", "vllm asked for, but the Ray cluster has no GPU",
+                          "use rollout=hf on CPU, or join a cluster with GPUs (RAY_ADDRESS)")
+    wanted = cfg.rollout.num_workers * cfg.rollout.gpus_per_worker + cfg.learner.num_ranks * cfg.learner.gpus_per_rank
+    if wanted > gpus:
+        raise ConfigError("rollout.gpus_per_worker",
+                          f"the groups ask for {wanted:g} GPUs (rollout {cfg.rollout.num_workers} x "
+                          f"{cfg.rollout.gpus_per_worker:g} + learner {cfg.learner.num_ranks} x "
+                          f"{cfg.learner.gpus_per_rank:g}) but the cluster has {gpus:g}",
+                          "lower rollout.num_workers / rollout.gpus_per_worker / learner.num_ranks / "
+                          "learner.gpus_per_rank, or add GPU nodes")
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

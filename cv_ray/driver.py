@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cv_ray.config import Config, as_dict, to_yaml
+from cv_ray.config import Config, as_dict, to_yaml, validate_resources
 from cv_ray.learner.checkpoint import DataPosition
 from cv_ray.models import prepare_model
 from cv_ray.tracking import Tracker
@@ -108,6 +108,7 @@ def run(cfg: Config) -> float | None:
     log.info("model: %s (%s), ready in %.1f s", base_model, family, time.perf_counter() - start)
     resources = init_ray(num_cpus=cfg.trainer.ray_num_cpus)
     log.info("ray cluster resources: %s", {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")})
+    validate_resources(cfg, resources)
 
     tracker = Tracker(cfg.logger, work_dir, run_name=work_dir.name, config=as_dict(cfg))
     ctx = RunContext(cfg, work_dir, base_model, family, tracker)

@@ -94,3 +94,17 @@ def test_cli_help_cfg_and_bad_value(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "sandbox.session" in bad.stderr and "Fix:" in bad.stderr
+
+
+def test_groups_must_fit_the_cluster():
+    from cv_ray.config import validate_resources
+
+    cfg = _compose()
+    validate_resources(cfg, {"CPU": 2.0})  # the CPU quickstart needs no GPU
+    gpu = _compose("rollout=vllm", "learner=zero3_gpu")  # 4 x 1 rollout GPUs + 8 x 1 learner GPUs
+    with pytest.raises(ConfigError, match="has no GPU") as err:
+        validate_resources(gpu, {"CPU": 64.0})
+    assert err.value.key == "rollout.engine"
+    with pytest.raises(ConfigError, match="ask for 12 GPUs") as err:
+        validate_resources(gpu, {"CPU": 64.0, "GPU": 8.0})
+    validate_resources(gpu, {"CPU": 64.0, "GPU": 16.0})
