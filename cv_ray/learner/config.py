@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cv_ray.errors import ConfigError
+from cv_ray.errors import ConfigError, require_at_least
 
 
 @dataclass
@@ -74,8 +74,7 @@ class LearnerConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self, prefix: str = "learner") -> None:
-        if self.num_ranks < 1:
-            raise ConfigError(f"{prefix}.num_ranks", f"got {self.num_ranks}", "use at least 1")
+        require_at_least(self, prefix, "num_ranks", 1)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{prefix}.zero_stage", f"got {self.zero_stage}", "use 0, 1, 2 or 3")
         if self.lr <= 0:
@@ -92,18 +91,15 @@ class LearnerConfig:
                 raise ConfigError(f"{prefix}.{key}", f"got {value!r}", f"use one of {', '.join(sorted(registry))}")
 
         check_name("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        if self.micro_batch_size < 1:
-            raise ConfigError(f"{prefix}.micro_batch_size", f"got {self.micro_batch_size}", "use at least 1")
+        require_at_least(self, prefix, "micro_batch_size", 1)
         if self.mini_batch_size < 0:
             raise ConfigError(f"{prefix}.mini_batch_size", f"got {self.mini_batch_size}", "use 0 (whole batch) or more")
-        if self.ppo_epochs < 1:
-            raise ConfigError(f"{prefix}.ppo_epochs", f"got {self.ppo_epochs}", "use at least 1")
+        require_at_least(self, prefix, "ppo_epochs", 1)
         if self.temperature < 0:
             raise ConfigError(f"{prefix}.temperature", f"got {self.temperature}", "use rollout.temperature (>= 0)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{prefix}.precision", f"got {self.precision!r}", "use `auto`, `bf16` or `fp32`")
-        if self.weight_bucket_mb < 1:
-            raise ConfigError(f"{prefix}.weight_bucket_mb", f"got {self.weight_bucket_mb}", "use at least 1")
+        require_at_least(self, prefix, "weight_bucket_mb", 1)
         if self.grad_clip < 0:
             raise ConfigError(f"{prefix}.grad_clip", f"got {self.grad_clip}", "use 0 (off) or a positive norm")
         loss = self.loss

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cv_ray.errors import ConfigError
+from cv_ray.errors import ConfigError, require_at_least, require_positive
 
 
 @dataclass
@@ -77,10 +77,8 @@ class RewardConfig:
         if self.math_timeout_s < 1:
             raise ConfigError(f"{prefix}.math_timeout_s", f"got {self.math_timeout_s}",
                               "use at least 1 (math-verify's timeout counts whole seconds)")
-        if self.cpus_per_worker <= 0:
-            raise ConfigError(f"{prefix}.cpus_per_worker", f"got {self.cpus_per_worker}", "use a positive number")
-        if self.num_workers < 1:
-            raise ConfigError(f"{prefix}.num_workers", f"got {self.num_workers}", "use at least 1")
+        require_positive(self, prefix, "cpus_per_worker")
+        require_at_least(self, prefix, "num_workers", 1)
         if self.judge.timeout_s <= 0:
             raise ConfigError(f"{prefix}.judge.timeout_s", f"got {self.judge.timeout_s}", "use a positive number")
         if self.judge.max_retries < 0:

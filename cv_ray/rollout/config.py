@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cv_ray.errors import ConfigError
+from cv_ray.errors import ConfigError, require_at_least
 
 
 @dataclass
@@ -47,16 +47,14 @@ class RolloutConfig:
     def validate(self, prefix: str = "rollout") -> None:
         if self.engine not in ("hf", "vllm"):
             raise ConfigError(f"{prefix}.engine", f"got {self.engine!r}", "use `hf` or `vllm`")
-        if self.num_workers < 1:
-            raise ConfigError(f"{prefix}.num_workers", f"got {self.num_workers}", "use at least 1")
+        require_at_least(self, prefix, "num_workers", 1)
         if self.n_samples < 1:
             raise ConfigError(f"{prefix}.n_samples", f"got {self.n_samples}", "use at least 1 (GRPO needs 2+)")
         if self.temperature < 0:
             raise ConfigError(f"{prefix}.temperature", f"got {self.temperature}", "use 0 (greedy) or more")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{prefix}.top_p", f"got {self.top_p}", "use a value in (0, 1]")
-        if self.max_turns < 1:
-            raise ConfigError(f"{prefix}.max_turns", f"got {self.max_turns}", "use at least 1")
+        require_at_least(self, prefix, "max_turns", 1)
         if self.engine == "vllm" and self.gpus_per_worker < self.vllm.tensor_parallel_size:
             raise ConfigError(f"{prefix}.gpus_per_worker",
                               f"{self.gpus_per_worker} GPUs for tensor_parallel_size={self.vllm.tensor_parallel_size}",
@@ -68,8 +66,7 @@ class RolloutConfig:
         if self.max_concurrent_trajectories < 1:
             raise ConfigError(f"{prefix}.max_concurrent_trajectories", f"got {self.max_concurrent_trajectories}",
                               "use at least 1")
-        if self.hf_max_batch_size < 1:
-            raise ConfigError(f"{prefix}.hf_max_batch_size", f"got {self.hf_max_batch_size}", "use at least 1")
+        require_at_least(self, prefix, "hf_max_batch_size", 1)
         if self.tool_image_min_pixels < 1:
             raise ConfigError(f"{prefix}.tool_image_min_pixels", f"got {self.tool_image_min_pixels}",
                               "use a positive number of pixels")

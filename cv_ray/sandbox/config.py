@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cv_ray.errors import ConfigError
+from cv_ray.errors import ConfigError, require_at_least, require_positive
 
 
 @dataclass
@@ -39,12 +39,9 @@ class SandboxConfig:
     """SandboxGroup: how many times a call whose executor actor died is retried on another actor."""
 
     def validate(self, prefix: str = "sandbox") -> None:
-        if self.num_executors < 1:
-            raise ConfigError(f"{prefix}.num_executors", f"got {self.num_executors}", "use at least 1")
-        if self.workers_per_executor < 1:
-            raise ConfigError(f"{prefix}.workers_per_executor", f"got {self.workers_per_executor}", "use at least 1")
-        if self.cpus_per_executor <= 0:
-            raise ConfigError(f"{prefix}.cpus_per_executor", f"got {self.cpus_per_executor}", "use a positive number")
+        require_at_least(self, prefix, "num_executors", 1)
+        require_at_least(self, prefix, "workers_per_executor", 1)
+        require_positive(self, prefix, "cpus_per_executor")
         if self.timeout_s <= 0:
             raise ConfigError(f"{prefix}.timeout_s", f"got {self.timeout_s}", "use a positive number of seconds")
         if self.memory_mb < 64:
@@ -56,8 +53,7 @@ class SandboxConfig:
         if self.max_sessions_per_worker < 1:
             raise ConfigError(f"{prefix}.max_sessions_per_worker", f"got {self.max_sessions_per_worker}",
                               "use at least 1")
-        if self.recycle_after < 1:
-            raise ConfigError(f"{prefix}.recycle_after", f"got {self.recycle_after}", "use at least 1")
+        require_at_least(self, prefix, "recycle_after", 1)
         if self.actor_retries < 0:
             raise ConfigError(f"{prefix}.actor_retries", f"got {self.actor_retries}", "use 0 or more")
         if self.max_output_pixels < 1:
