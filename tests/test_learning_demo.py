@@ -8,17 +8,11 @@ corner that is red once upright, the fix undoes the turn, and SFT trajectories r
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from cv_ray.data.content import PALETTE
 from cv_ray.data.corruptions import apply_corruptions
 from cv_ray.data.demo_family import CORNERS, TARGET, generate_demo_example, generate_demo_task
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "examples" / "learning_demo" / "run.py"
-
 
 # Where a pixel inside each quadrant lies in the upright 112 px image (below the 14 px bar).
 _INSIDE = {"top-left": (40, 10), "top-right": (40, 100), "bottom-right": (100, 100), "bottom-left": (100, 10)}
