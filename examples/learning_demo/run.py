@@ -1,9 +1,9 @@
 """The learning demonstration: SFT, then GRPO, measurably teach the tiny Qwen2.5-VL to fix orientation with code.
 
 The task family (cv_ray/data/demo_family.py): a 112 px image with four coloured corners and a black
-bar that marks "up", turned by 0/90/180/270 degrees; the question asks for the colour of the
-top-left corner of the *upright* image (chance: 1 in 4). The model must see where the bar is, call
-the code tool with the rotation that puts it on top, and read the corner in the tool's output.
+bar that marks "up", turned by 0/90/180/270 degrees; the question asks which corner of the *upright*
+image is red (chance: 1 in 4). The model must see where the bar is, call the code tool with the
+rotation that puts it on top, and read the red corner off the tool's output.
 
 Phases, each timed, on a local Ray (2 CPU cores are enough):
 
