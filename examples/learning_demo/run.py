@@ -49,8 +49,8 @@ log = logging.getLogger("learning_demo")
 
 # The default tiny model (hidden 64, 2 layers) learns the format but not the picture in a CPU budget;
 # this one (about 4x the compute) does better. Built once at model.path (seeded), kept between runs.
-DEMO_SPEC = dict(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-                 vision_hidden=64, vision_depth=2, vision_heads=2)
+DEMO_SPEC = {"hidden_size": 128, "intermediate_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+             "vision_hidden": 64, "vision_depth": 2, "vision_heads": 2}
 
 
 def ensure_demo_model(path: Path, seed: int) -> Path:
