@@ -39,13 +39,6 @@ _PLACEHOLDER_CONFIG_KEYS = ("image_token_id", "video_token_id", "vision_start_to
 
 _IMAGE_PAD = "<|image_pad|>"
 
-#: The system prompt of tool-free episodes (evaluation without tools): no tool schema, no tool advice.
-#: (Kept here rather than in prompts.py, whose hash keys the cached tiny models.)
-NO_TOOL_SYSTEM_PROMPT = (
-    "You are a careful visual assistant. Think step by step inside <think> </think>. "
-    "Put the final answer inside <answer> </answer>."
-)
-
 # Markers used only inside the dummy conversations that derive the template's pieces.
 _MARK_USER = "cv-ray-user-mark"
 _MARK_ASSISTANT = "cv-ray-assistant-mark"

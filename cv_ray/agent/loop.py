@@ -28,8 +28,9 @@ from typing import Any
 
 from PIL import Image
 
-from cv_ray.agent.chat import NO_TOOL_SYSTEM_PROMPT, ChatCodec
+from cv_ray.agent.chat import ChatCodec
 from cv_ray.agent.model_images import resize_for_model
+from cv_ray.agent.prompts import NO_TOOL_SYSTEM_PROMPT
 from cv_ray.agent.tool_format import tool_error_content, tool_response_content
 from cv_ray.agent.tool_parser import parse_tool_calls
 from cv_ray.agent.tool_runner import ToolRunner

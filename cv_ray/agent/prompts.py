@@ -14,6 +14,12 @@ SYSTEM_PROMPT = (
     "error and try again. Put the final answer inside <answer> </answer>."
 )
 
+# The same instructions without the tool: evaluation "without tools" uses it (no schema, no code).
+NO_TOOL_SYSTEM_PROMPT = (
+    "You are a careful visual assistant. Think step by step inside <think> </think>. "
+    "Put the final answer inside <answer> </answer>."
+)
+
 TOOL_SCHEMA = {
     "type": "function",
     "function": {

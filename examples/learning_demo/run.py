@@ -217,18 +217,10 @@ def main(overrides: list[str]) -> dict[str, Any]:
     eval_accuracy = [evals["sft"]["accuracy"]] + [a for _, a in eval_points]
     plot_curve(work_dir / "learning_curve.png", reward_by_step, eval_steps, eval_accuracy)
     metrics = {
-        "heldout_accuracy_base": evals["base"]["accuracy"],
-        "heldout_accuracy_sft": evals["sft"]["accuracy"],
-        "heldout_accuracy_rl": evals["rl"]["accuracy"],
-        "valid_tool_call_rate_base": evals["base"]["valid_tool_call_rate"],
-        "valid_tool_call_rate_sft": evals["sft"]["valid_tool_call_rate"],
-        "valid_tool_call_rate_rl": evals["rl"]["valid_tool_call_rate"],
-        "op_recall_base": evals["base"]["op_recall"],
-        "op_recall_sft": evals["sft"]["op_recall"],
-        "op_recall_rl": evals["rl"]["op_recall"],
-        "mean_reward_heldout_base": evals["base"]["mean_reward"],
-        "mean_reward_heldout_sft": evals["sft"]["mean_reward"],
-        "mean_reward_heldout_rl": evals["rl"]["mean_reward"],
+        **{f"{name}_{stage}": evals[stage][key]
+           for name, key in (("heldout_accuracy", "accuracy"), ("valid_tool_call_rate", "valid_tool_call_rate"),
+                             ("op_recall", "op_recall"), ("mean_reward_heldout", "mean_reward"))
+           for stage in ("base", "sft", "rl")},
         "mean_reward_by_step": reward_by_step,
         "heldout_accuracy_by_step": dict(zip(eval_steps, eval_accuracy)),
         "chance_accuracy": 0.25,

@@ -105,7 +105,7 @@ def test_trajectories_generate_while_others_wait_for_tools(codecs):
 
 
 def test_tool_free_episode_has_no_schema_and_runs_no_call(codecs, processors, sandbox_tools):
-    from cv_ray.agent.chat import NO_TOOL_SYSTEM_PROMPT
+    from cv_ray.agent.prompts import NO_TOOL_SYSTEM_PROMPT
 
     codec, processor = codecs["qwen2_5_vl"], processors["qwen2_5_vl"]
     text = format_tool_call(ROTATE_90, 0)  # a tool-trained model may still write a call
