@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def group(ray_local):
-    cfg = SandboxConfig(num_executors=2, cpus_per_executor=1, workers_per_executor=1, timeout_s=3.0, memory_mb=512,
+    # A generous timeout: the killed-executor test needs a call still running when the kill lands.
+    cfg = SandboxConfig(num_executors=2, cpus_per_executor=1, workers_per_executor=1, timeout_s=60.0, memory_mb=512,
                         session="trajectory")
     g = SandboxGroup(cfg)
     yield g
@@ -59,10 +60,11 @@ def test_killed_executor_mid_request_is_retried_elsewhere(group, photo, ray_loca
     ray = ray_local
 
     async def main():
-        # A slow call is in flight on every executor; one executor is killed under it.
-        slow = "import math\nx = 0\nfor i in range(3 * 10**6):\n    x += math.sqrt(i)\nresult = image"
+        # A slow call (seconds even on a fast CPU) is in flight on every executor; one executor is
+        # killed under it long before it can finish.
+        slow = "import math\nx = 0\nfor i in range(10**7):\n    x += math.sqrt(i)\nresult = image"
         tasks = [asyncio.create_task(group.run(slow, [photo])) for _ in range(2)]
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.2)
         ray.kill(group.actors[0], no_restart=False)
         return await asyncio.gather(*tasks)
 
