@@ -175,10 +175,23 @@ def _read_tasks(paths: list[Path]) -> list:
     return [task for path in paths for task in read_tasks(path)]
 
 
+def _warn_on_other_system_prompts(examples: list, system_prompt: str) -> int:
+    """Count (and warn about) SFT conversations whose system message is not the rollout's prompt:
+    the policy would be taught under one prompt and sampled under another."""
+    other = sum(1 for e in examples if e.messages and e.messages[0]["role"] == "system"
+                and e.messages[0]["content"] != system_prompt)
+    if other:
+        log.warning("sft: %d of %d conversations have a system prompt other than the rollout's "
+                    "(rollout.system_prompt); RL will sample under a prompt SFT did not teach. Write the SFT "
+                    "data with the same prompt or set rollout.system_prompt to it.", other, len(examples))
+    return other
+
+
 def stage_sft(ctx: RunContext) -> dict[str, Any]:
     """Masked next-token training on the SFT trajectories; exports `sft_model/`."""
     from transformers import AutoProcessor
 
+    from cv_ray.agent.chat import codec_from_config
     from cv_ray.data.records import read_sft
     from cv_ray.learner.batch import sft_sample
     from cv_ray.learner.group import LearnerGroup
@@ -187,7 +200,10 @@ def stage_sft(ctx: RunContext) -> dict[str, Any]:
     cfg, sched = ctx.cfg, ctx.cfg.trainer.sft
     files = [ctx.data_dir / "sft.jsonl", *map(Path, cfg.data.sft_files)]
     processor = AutoProcessor.from_pretrained(ctx.base_model)
-    samples = [sft_sample(processor, example) for path in files for example in read_sft(path)]
+    codec = codec_from_config(processor, cfg.rollout)
+    examples = [example for path in files for example in read_sft(path)]
+    _warn_on_other_system_prompts(examples, codec.system_prompt)
+    samples = [sft_sample(processor, example, codec) for example in examples]
     sampler = BatchSampler(len(samples), sched.batch_size, seed=cfg.trainer.seed)
     steps = sched.max_steps or max(1, math.ceil(sched.epochs * len(samples) / sched.batch_size))
     log.info("sft: %d conversations, %d steps of %d", len(samples), steps, sched.batch_size)

@@ -240,6 +240,16 @@ def build_model_inputs(processor: Any, sequences: Sequence[Sequence[int]], image
     return inputs
 
 
+def codec_from_config(processor: Any, cfg: Any) -> ChatCodec:
+    """The codec of ``cfg`` (a RolloutConfig): its system prompt and whether the tool schema is listed.
+
+    The rollout and the SFT stage both build their codec here, so SFT trains on the prompt layout
+    the policy later sees.
+    """
+    return ChatCodec(processor, system_prompt=cfg.system_prompt or SYSTEM_PROMPT,
+                     tools=(TOOL_SCHEMA,) if cfg.tools_in_prompt else ())
+
+
 def encode_sft(processor: Any, example: SFTExample,
                codec: ChatCodec | None = None) -> tuple[list[int], list[int], dict[str, torch.Tensor]]:
     """Ids of a whole supervised conversation, its loss mask and its model inputs.

@@ -1,18 +1,24 @@
-"""The learning demo's task family: find the red corner after turning the image upright with code.
+"""The learning demo's task family: the colour of the top-left corner, read after turning the image upright.
 
 A small square image (112 px) has four quadrants coloured from a palette of four (a permutation,
 so every colour appears once) and a black bar along its top edge, which marks "up". The image is
-turned by 0, 90, 180 or 270 degrees; the question asks which corner *of the upright image* is red,
-so the answer can be read off the picture only once it is upright, and a model that ignores the bar
-is right 1 time in 4. Answers are corner names, ``top-left`` ... (``task_type`` ``general``: exact
-text). ``required_ops`` is the rotation that undoes the turn
-(``[]`` for an upright image), in the sandbox's op names.
+turned by 0, 90, 180 or 270 degrees; the question asks for the colour of the top-left corner *of
+the upright image*, so a model that ignores the bar is right 1 time in 4. Answers are colour names
+(``task_type`` ``general``: exact text). ``required_ops`` are the rotation that undoes the turn (none
+for an upright image) and a crop of the top-left quadrant (``answer_box``, in the task image's frame).
+
+Why a crop: the tool's output is then a single quadrant, and naming its colour is a global
+property of a small picture, which a tiny model learns in minutes. Finding *where* a colour sits
+among a picture's vision tokens needs absolute positions the tiny model has not learned (measured:
+held-out accuracy stayed at chance when the answer was a corner name read off the whole image).
+What remains hard, and is what SFT and RL have to teach, is seeing where the bar is and choosing
+the rotation that puts it on top.
 
 SFT trajectories (:func:`generate_demo_example`) are short and always written the same way for the
-same situation, so a tiny model can learn them in minutes on a CPU: one ``<think>`` naming where
-the bar is, one tool call whose code is a single ``Image.transpose``, then the answer after reading
-the tool's output. Every call runs in the real sandbox through the data package's
-:class:`~cv_ray.data.trajectories.Recorder` (the rollout's conversation layout and tool text).
+same situation: one ``<think>`` naming where the bar is, one tool call
+(``image.transpose(...).crop(...)``, or only the crop when upright), then the answer. Every call runs
+in the real sandbox through the data package's :class:`~cv_ray.data.trajectories.Recorder` (the
+rollout's conversation layout and tool text).
 
 :func:`build_demo_dataset` writes the layout the driver's SFT and RL stages read
 (``rl_train.parquet``, ``rl_val.parquet``, ``sft.jsonl``, ``manifest.json``). The family is not in
@@ -40,14 +46,11 @@ from cv_ray.types import SFTExample, Task
 
 FAMILY = "corner_orientation"
 COLOURS = ("red", "green", "blue", "yellow")
-"""The quadrant colours (RGB values are the data package's PALETTE); TARGET is the one asked about."""
-TARGET = "red"
+"""The quadrant colours (RGB values are the data package's PALETTE), and the answers (chance 1 in 4)."""
 TURNS = ("none", "rotate_90", "rotate_180", "rotate_270")
 """The corruption applied to the upright image (PIL's counter-clockwise names), uniformly drawn."""
-CORNERS = ("top-left", "top-right", "bottom-right", "bottom-left")
-"""The answers (chance is 1 in 4), in the order of ``corner_colours``."""
 BAR = (20, 20, 20)
-QUESTION = f"The image is upright when the black bar is at the top. Which corner of the upright image is {TARGET}?"
+QUESTION = "The image is upright when the black bar is at the top. What colour is the top-left corner of the upright image?"
 
 # Where the bar of the upright image ends up after each turn (PIL rotations are counter-clockwise,
 # so a quarter turn moves the top edge to the left): the words of the SFT thinking.
@@ -56,24 +59,27 @@ _BAR_WHERE = {"none": "at the top", "rotate_90": "on the left", "rotate_180": "a
 _TRANSPOSE = {"rotate_90": "ROTATE_90", "rotate_180": "ROTATE_180", "rotate_270": "ROTATE_270"}
 
 
-def render_upright(corner_colours: list[str], size: int) -> tuple[Image.Image, list[float]]:
-    """The upright image and the box of the :data:`TARGET` quadrant (clean frame).
+def render_upright(quadrant_colours: list[str], size: int) -> tuple[Image.Image, list[float]]:
+    """The upright image and the box of its top-left quadrant (the answer's region).
 
-    ``corner_colours`` in :data:`CORNERS` order, each filling its quadrant; the bar is a black strip
-    ``size // 8`` high along the whole top edge. At 112 px each quadrant is 2 x 2 vision tokens of
-    Qwen2.5-VL (28 px each after the 2x2 merge) and the bar lies in the four tokens of one edge.
+    ``quadrant_colours`` fill the top-left, top-right, bottom-right and bottom-left quadrants; the
+    bar is a black strip ``size // 16`` high along the whole top edge. At 112 px each quadrant is
+    2 x 2 vision tokens of Qwen2.5-VL (28 px each after the 2x2 merge), and the 7 px bar fills half
+    of each 14 px patch of the top row: where the bar is shows *inside* a patch (dark half above,
+    left, below or right), a local cue the patch embedding sees directly. A bar one patch high
+    would make every bar patch plain black, and its side could be told only from the patch's
+    absolute position, which the tiny model does not learn in a CPU budget (measured: SFT then
+    told a horizontal bar from a vertical one but never top from bottom or left from right).
     """
-    if len(corner_colours) != 4:
-        raise ValueError(f"four corner colours needed, got {corner_colours}")
+    if len(quadrant_colours) != 4:
+        raise ValueError(f"four quadrant colours needed, got {quadrant_colours}")
     half = size // 2
     image = Image.new("RGB", (size, size))
     draw = ImageDraw.Draw(image)
-    origins = [(0, 0), (half, 0), (half, half), (0, half)]
-    for (x, y), colour in zip(origins, corner_colours):
+    for (x, y), colour in zip([(0, 0), (half, 0), (half, half), (0, half)], quadrant_colours):
         draw.rectangle([x, y, x + half - 1, y + half - 1], fill=PALETTE[colour])
-    draw.rectangle([0, 0, size - 1, size // 8 - 1], fill=BAR)
-    x, y = origins[corner_colours.index(TARGET)]
-    return image, [float(x), float(y), float(x + half), float(y + half)]
+    draw.rectangle([0, 0, size - 1, size // 16 - 1], fill=BAR)
+    return image, [0.0, 0.0, float(half), float(half)]
 
 
 def task_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -84,47 +90,46 @@ def task_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def generate_demo_task(seed: int, index: int, size: int = 112, split: str = "train") -> Task:
     """Task ``index`` of ``split``; the same arguments always give the same task."""
     rng = task_rng(seed, split, index)
-    corner_colours = [COLOURS[i] for i in rng.permutation(len(COLOURS))]
+    quadrant_colours = [COLOURS[i] for i in rng.permutation(len(COLOURS))]
     turn = TURNS[int(rng.integers(len(TURNS)))]
     corruptions = [] if turn == "none" else [{"name": turn, "params": {}}]
-    upright, clean_box = render_upright(corner_colours, size)
+    upright, clean_box = render_upright(quadrant_colours, size)
     image, box = apply_corruptions(upright, clean_box, corruptions)
     return Task(
         uid=f"{FAMILY}-{split}-s{seed}-{index:06d}", data_source=f"synthetic/{FAMILY}", question=QUESTION,
-        images=[image], answer=CORNERS[corner_colours.index(TARGET)], required_ops=fix_ops(corruptions), answer_box=box,
+        images=[image], answer=quadrant_colours[0], required_ops=[*fix_ops(corruptions), "crop"], answer_box=box,
         task_type="general", split=split,
-        extra={"family": FAMILY, "variant": turn, "transform": turn, "corner_colours": corner_colours, "corruptions": corruptions,
-               "clean_box": clean_box, "seed": seed, "index": index},
+        extra={"family": FAMILY, "variant": turn, "transform": turn, "quadrant_colours": quadrant_colours,
+               "corruptions": corruptions, "clean_box": clean_box, "seed": seed, "index": index},
     )
 
 
-def generate_demo_example(task: Task, sandbox: Sandbox) -> SFTExample:
-    """The one correct trajectory of ``task``, its tool call executed in ``sandbox``.
+def generate_demo_example(task: Task, sandbox: Sandbox, system_prompt: str) -> SFTExample:
+    """The one correct trajectory of ``task``, its tool call executed in ``sandbox``, under ``system_prompt``
+    (the rollout's ``rollout.system_prompt``, so SFT teaches the prompt RL samples under).
 
-    Upright: answer at once. Turned: one call that undoes the turn, then the answer read from the
-    tool's output. Raises TrajectoryError when the sandbox does not trace the planned rotation.
+    One call that undoes the turn (if any) and crops the upright top-left quadrant, then the answer
+    read from the tool's output. Raises TrajectoryError when the sandbox does not trace the planned ops.
     """
     turn = task.extra["variant"]
-    corner = task.answer
-    recorder = Recorder(task, sandbox)
-    if not task.required_ops:
-        recorder.answer(f"The bar is at the top. {TARGET.capitalize()} is at the {corner}.")
-        return SFTExample(uid=f"sft-{task.uid}", messages=recorder.messages, images=recorder.images,
-                          kind="no_tool", task_uid=task.uid)
-    (fix,) = task.required_ops
-    result = recorder.call(f"The bar is {_BAR_WHERE[turn]}.", f"result = image.transpose(Image.Transpose.{_TRANSPOSE[fix]})",
-                           recorder.current, "")
-    traced = [op["op"] for op in result.ops]
-    if not result.ok or traced != [fix]:
-        raise TrajectoryError(f"task {task.uid}: planned {fix}, the sandbox gave ok={result.ok} ops={traced} "
-                              f"({result.error_class}: {result.error})")
-    recorder.answer(f"{TARGET.capitalize()} is at the {corner}.")
+    fix = [op for op in task.required_ops if op != "crop"]
+    half = task.images[0].width // 2
+    recorder = Recorder(task, sandbox, system_prompt=system_prompt)
+    crop = f".crop((0, 0, {half}, {half}))"
+    code = (f"result = image.transpose(Image.Transpose.{_TRANSPOSE[fix[0]]}){crop}" if fix
+            else f"result = image{crop}")
+    result = recorder.call(f"The bar is {_BAR_WHERE[turn]}.", code, recorder.current, "")
+    traced = sorted(op["op"] for op in result.ops)
+    if not result.ok or traced != sorted(task.required_ops):
+        raise TrajectoryError(f"task {task.uid}: planned {task.required_ops}, the sandbox gave ok={result.ok} "
+                              f"ops={traced} ({result.error_class}: {result.error})")
+    recorder.answer("The crop shows the corner.")
     return SFTExample(uid=f"sft-{task.uid}", messages=recorder.messages, images=recorder.images,
                       kind="single_tool", task_uid=task.uid)
 
 
 def build_demo_dataset(out_dir: str | Path, sandbox: Sandbox, seed: int, num_train: int, num_val: int,
-                       num_sft: int, size: int = 112) -> dict[str, Any]:
+                       num_sft: int, system_prompt: str, size: int = 112) -> dict[str, Any]:
     """Write RL train/val tasks, SFT trajectories and ``manifest.json`` under ``out_dir``; return the manifest.
 
     Splits are independent streams (``train``, ``val``, ``sft``), so held-out tasks never appear in
@@ -140,7 +145,7 @@ def build_demo_dataset(out_dir: str | Path, sandbox: Sandbox, seed: int, num_tra
 
     def examples():
         for i in range(num_sft):
-            example = generate_demo_example(generate_demo_task(seed, i, size, "sft"), sandbox)
+            example = generate_demo_example(generate_demo_task(seed, i, size, "sft"), sandbox, system_prompt)
             kinds[example.kind] += 1
             yield example
 

@@ -75,12 +75,14 @@ class Recorder:
     """Every image of the episode (task images, then successful outputs): what ``image_index`` indexes."""
     traced_ops: list[str] = field(default_factory=list)
     error_classes: list[str] = field(default_factory=list)
+    system_prompt: str = SYSTEM_PROMPT
+    """The episode's system message (the rollout's ``rollout.system_prompt``)."""
 
     def __post_init__(self) -> None:
         self.images = list(self.task.images)
         content: list[dict[str, Any]] = [{"type": "image"} for _ in self.task.images]
         content.append({"type": "text", "text": self.task.question})
-        self.messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+        self.messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": content}]
 
     @property
     def current(self) -> int:

@@ -42,6 +42,13 @@ class RolloutConfig:
     """Tool images are resized into this range for the model; originals are kept for image_index."""
     hf_max_batch_size: int = 32
     """HF engine: most requests gathered into one padded `generate` call."""
+    system_prompt: str = ""
+    """The system prompt of every episode; empty: the built-in one (cv_ray.agent.prompts.SYSTEM_PROMPT).
+    SFT conversations carry their own system message: write them with the same text."""
+    tools_in_prompt: bool = True
+    """List the tool's JSON schema in the system turn (the chat template's tools block, ~350 tokens
+    with the tiny tokenizer). False suits a model taught the call format by SFT alone; the tool works
+    the same either way. The SFT stage encodes with the same setting."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def validate(self, prefix: str = "rollout") -> None:

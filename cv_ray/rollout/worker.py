@@ -30,13 +30,13 @@ class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig, sandbox_group: Any):
         from transformers import AutoProcessor
 
-        from cv_ray.agent.chat import ChatCodec
+        from cv_ray.agent.chat import codec_from_config
         from cv_ray.agent.loop import AgentLoop
         from cv_ray.rollout.engine import make_engine
 
         self.model_path = str(model_path)
         self.engine = make_engine(self.model_path, cfg)
-        self.codec = ChatCodec(AutoProcessor.from_pretrained(self.model_path))
+        self.codec = codec_from_config(AutoProcessor.from_pretrained(self.model_path), cfg)
         self.loop = AgentLoop(self.engine, self.codec, sandbox_group, cfg)
         self.in_flight = 0
 

@@ -195,7 +195,8 @@ def main(overrides: list[str]) -> dict[str, Any]:
         def data() -> dict[str, Any]:
             with SandboxPool.from_config(cfg.sandbox) as pool:
                 return build_demo_dataset(ctx.data_dir, pool, cfg.data.seed, cfg.data.num_rl_tasks,
-                                          cfg.data.num_val_tasks, cfg.data.num_sft_trajectories, cfg.data.image_size)
+                                          cfg.data.num_val_tasks, cfg.data.num_sft_trajectories,
+                                          cfg.rollout.system_prompt, cfg.data.image_size)
 
         manifest = phases.run("data", data)
         heldout = list(read_tasks(ctx.data_dir / "rl_val.parquet"))

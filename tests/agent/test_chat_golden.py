@@ -150,3 +150,34 @@ def test_banned_ids_agree_between_tokenizer_and_model_config(family, processors,
     expected = sorted(tokenizer.convert_tokens_to_ids(t) for t in
                       ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
     assert banned_token_ids(tokenizer) == banned_token_ids(processors[family]) == banned_token_ids(config) == expected
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_codec_from_config_sets_the_prompt_and_the_tools_block(family, processors):
+    """`rollout.system_prompt` / `rollout.tools_in_prompt`: the SFT encoding under such a codec is
+    still the chat template's own rendering of the conversation (no tools block when they are off)."""
+    from cv_ray.agent.chat import codec_from_config
+    from cv_ray.rollout.config import RolloutConfig
+
+    processor = processors[family]
+    default = codec_from_config(processor, RolloutConfig())
+    assert default.system_prompt == SYSTEM_PROMPT and default.tools == [TOOL_SCHEMA]
+
+    short = "Fix the image with the tool, then answer."
+    codec = codec_from_config(processor, RolloutConfig(system_prompt=short, tools_in_prompt=False))
+    prompt = codec.render(codec.prompt_messages("Which way is up?", 1), add_generation_prompt=True)
+    assert short in prompt and "<tools>" not in prompt and SYSTEM_PROMPT not in prompt
+
+    messages = [
+        {"role": "system", "content": short},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read the number."}]},
+        {"role": "assistant", "content": "<think>rotated</think>" + format_tool_call(ROTATE_90, 0)},
+        {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "Image 1 (48x64) is the result."}]},
+        {"role": "assistant", "content": ANSWER},
+    ]
+    images = [noise_image(64, 48, 1), noise_image(48, 64, 2)]
+    ids, mask, _ = encode_sft(processor, SFTExample(uid="e2", messages=messages, images=images), codec)
+    text = processor.apply_chat_template(messages, tokenize=False)
+    assert ids == processor(text=[text], images=images, return_tensors="pt")["input_ids"][0].tolist()
+    with_tools, _, _ = encode_sft(processor, SFTExample(uid="e2", messages=messages, images=images), default)
+    assert len(with_tools) - len(ids) > 100  # the schema block is what the setting leaves out
