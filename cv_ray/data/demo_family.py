@@ -1,9 +1,9 @@
 """The learning demo's task family: the colour of the top-left corner, read after turning the image upright.
 
 A small square image (112 px) has four quadrants coloured from a palette of four (a permutation,
-so every colour appears once) and a black bar along its top edge, which marks "up". The image is
-turned by 0, 90, 180 or 270 degrees; the question asks for the colour of the top-left corner *of
-the upright image*, so a model that ignores the bar is right 1 time in 4. Answers are colour names
+so every colour appears once) and is shaded in stripes, each dark in its top half, which marks
+"up". The image is turned by 0, 90, 180 or 270 degrees; the question asks for the colour of the
+top-left corner *of the upright image*, so a model that ignores the shading is right 1 time in 4. Answers are colour names
 (``task_type`` ``general``: exact text). ``required_ops`` are the rotation that undoes the turn (none
 for an upright image) and a crop of the top-left quadrant (``answer_box``, in the task image's frame).
 
@@ -11,11 +11,11 @@ Why a crop: the tool's output is then a single quadrant, and naming its colour i
 property of a small picture, which a tiny model learns in minutes. Finding *where* a colour sits
 among a picture's vision tokens needs absolute positions the tiny model has not learned (measured:
 held-out accuracy stayed at chance when the answer was a corner name read off the whole image).
-What remains hard, and is what SFT and RL have to teach, is seeing where the bar is and choosing
-the rotation that puts it on top.
+What remains hard, and is what SFT and RL have to teach, is seeing which way the shading points and
+choosing the rotation that puts its dark side on top.
 
 SFT trajectories (:func:`generate_demo_example`) are short and always written the same way for the
-same situation: one ``<think>`` naming where the bar is, one tool call
+same situation: one ``<think>`` naming where the dark sides are, one tool call
 (``image.transpose(...).crop(...)``, or only the crop when upright), then the answer. Every call runs
 in the real sandbox through the data package's :class:`~cv_ray.data.trajectories.Recorder` (the
 rollout's conversation layout and tool text).
@@ -49,12 +49,17 @@ COLOURS = ("red", "green", "blue", "yellow")
 """The quadrant colours (RGB values are the data package's PALETTE), and the answers (chance 1 in 4)."""
 TURNS = ("none", "rotate_90", "rotate_180", "rotate_270")
 """The corruption applied to the upright image (PIL's counter-clockwise names), uniformly drawn."""
-BAR = (20, 20, 20)
-QUESTION = "The image is upright when the black bar is at the top. What colour is the top-left corner of the upright image?"
+STRIPE = 14
+"""Stripe height in pixels: one vision patch of Qwen2.5-VL / Qwen3-VL's tower (14 px), so each patch
+holds one dark half and one bright half and shows by itself which way is up."""
+SHADE = 0.35
+"""Brightness of the dark half of a stripe (the bright half keeps the quadrant's palette colour)."""
+QUESTION = ("The image is upright when its stripes are dark on top. "
+            "What colour is the top-left corner of the upright image?")
 
-# Where the bar of the upright image ends up after each turn (PIL rotations are counter-clockwise,
-# so a quarter turn moves the top edge to the left): the words of the SFT thinking.
-_BAR_WHERE = {"none": "at the top", "rotate_90": "on the left", "rotate_180": "at the bottom",
+# Where the dark sides of the upright image's stripes end up after each turn (PIL rotations are
+# counter-clockwise, so a quarter turn moves the top edge to the left): the words of the SFT thinking.
+_DARK_WHERE = {"none": "at the top", "rotate_90": "on the left", "rotate_180": "at the bottom",
               "rotate_270": "on the right"}
 _TRANSPOSE = {"rotate_90": "ROTATE_90", "rotate_180": "ROTATE_180", "rotate_270": "ROTATE_270"}
 
@@ -62,24 +67,28 @@ _TRANSPOSE = {"rotate_90": "ROTATE_90", "rotate_180": "ROTATE_180", "rotate_270"
 def render_upright(quadrant_colours: list[str], size: int) -> tuple[Image.Image, list[float]]:
     """The upright image and the box of its top-left quadrant (the answer's region).
 
-    ``quadrant_colours`` fill the top-left, top-right, bottom-right and bottom-left quadrants; the
-    bar is a black strip ``size // 16`` high along the whole top edge. At 112 px each quadrant is
-    2 x 2 vision tokens of Qwen2.5-VL (28 px each after the 2x2 merge), and the 7 px bar fills half
-    of each 14 px patch of the top row: where the bar is shows *inside* a patch (dark half above,
-    left, below or right), a local cue the patch embedding sees directly. A bar one patch high
-    would make every bar patch plain black, and its side could be told only from the patch's
-    absolute position, which the tiny model does not learn in a CPU budget (measured: SFT then
-    told a horizontal bar from a vertical one but never top from bottom or left from right).
+    ``quadrant_colours`` fill the top-left, top-right, bottom-right and bottom-left quadrants; every
+    :data:`STRIPE`-high band of rows is darkened (x :data:`SHADE`) in its top half.
+
+    Why stripes rather than one bar along the top edge: the side of a bar can be told only from
+    the absolute position of its vision tokens, which the tiny model did not learn in a CPU budget
+    (measured: after SFT it told a horizontal bar from a vertical one but never top from bottom or
+    left from right). Patch-aligned stripes put the cue inside every patch (dark above, below, left
+    or right), a linear feature of the patch embedding, and every token repeats it.
     """
     if len(quadrant_colours) != 4:
         raise ValueError(f"four quadrant colours needed, got {quadrant_colours}")
+    if size % (2 * STRIPE):
+        raise ValueError(f"image size {size} must be a multiple of {2 * STRIPE} (quadrants of whole stripes)")
     half = size // 2
     image = Image.new("RGB", (size, size))
     draw = ImageDraw.Draw(image)
     for (x, y), colour in zip([(0, 0), (half, 0), (half, half), (0, half)], quadrant_colours):
         draw.rectangle([x, y, x + half - 1, y + half - 1], fill=PALETTE[colour])
-    draw.rectangle([0, 0, size - 1, size // 16 - 1], fill=BAR)
-    return image, [0.0, 0.0, float(half), float(half)]
+    pixels = np.asarray(image, dtype=np.float32)
+    dark_rows = np.arange(size) % STRIPE < STRIPE // 2
+    pixels[dark_rows] *= SHADE
+    return Image.fromarray(pixels.round().astype(np.uint8), "RGB"), [0.0, 0.0, float(half), float(half)]
 
 
 def task_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -118,7 +127,7 @@ def generate_demo_example(task: Task, sandbox: Sandbox, system_prompt: str) -> S
     crop = f".crop((0, 0, {half}, {half}))"
     code = (f"result = image.transpose(Image.Transpose.{_TRANSPOSE[fix[0]]}){crop}" if fix
             else f"result = image{crop}")
-    result = recorder.call(f"The bar is {_BAR_WHERE[turn]}.", code, recorder.current, "")
+    result = recorder.call(f"The dark sides are {_DARK_WHERE[turn]}.", code, recorder.current, "")
     traced = sorted(op["op"] for op in result.ops)
     if not result.ok or traced != sorted(task.required_ops):
         raise TrajectoryError(f"task {task.uid}: planned {task.required_ops}, the sandbox gave ok={result.ok} "

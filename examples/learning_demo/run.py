@@ -47,6 +47,9 @@ RUN_OUTPUTS = ("data", "sft_model", "rl_model", "checkpoints", "viewer", "metric
 
 log = logging.getLogger("learning_demo")
 
+SAMPLED_EPISODES = 4
+"""Episodes per held-out task for the sampled evaluation (64 tasks x 4 = 256 episodes)."""
+
 # The default tiny model (hidden 64, 2 layers) learns the format but not the picture in a CPU budget;
 # this one (about 4x the compute) does better. Built once at model.path (seeded), kept between runs.
 DEMO_SPEC = {"hidden_size": 128, "intermediate_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
@@ -76,16 +79,16 @@ def load_config(overrides: list[str]):
     return cfg
 
 
-def heldout_eval(model_dir: Path, cfg, tasks: list) -> dict[str, Any]:
-    """Greedy episodes of ``model_dir`` on ``tasks``: the eval package's metrics plus mean reward.
+def heldout_eval(model_dir: Path, cfg, tasks: list) -> dict[str, dict[str, Any]]:
+    """Episodes of ``model_dir`` on ``tasks``, decoded two ways: ``greedy`` (one episode per task)
+    and ``sampled`` (:data:`SAMPLED_EPISODES` per task at the training temperature
+    ``rollout.temperature``: the policy RL optimises, as a pass@1 estimate).
 
-    ``valid_tool_call_rate`` is the share of attempted tool calls that parsed and ran (None when no
-    call was made); ``op_recall`` is the eval runner's micro-averaged recall of the required core ops.
+    Each holds the eval package's accuracy and required-op recall, the valid tool-call rate (share
+    of attempted calls that parsed and ran; None when no call was made) and the mean dense reward.
     """
     import ray
 
-    from cv_ray.eval.metrics import summarize
-    from cv_ray.eval.runner import eval_record
     from cv_ray.reward import RewardGroup
     from cv_ray.rollout.worker import RolloutGroup
     from cv_ray.sandbox import SandboxGroup
@@ -94,22 +97,29 @@ def heldout_eval(model_dir: Path, cfg, tasks: list) -> dict[str, Any]:
     rollout = RolloutGroup(str(model_dir), cfg.rollout, sandbox)
     reward = RewardGroup(cfg.reward)
     try:
-        trajectories, _ = rollout.rollout(tasks, 1, temperature=cfg.eval.temperature)
-        by_uid = {t.uid: t for t in trajectories}
-        groups = [(task, [by_uid[task.uid]]) for task in tasks]
-        breakdowns, _ = reward.score(groups)
+        return {"greedy": _decoded_eval(rollout, reward, tasks, 1, cfg.eval.temperature),
+                "sampled": _decoded_eval(rollout, reward, tasks, SAMPLED_EPISODES, cfg.rollout.temperature)}
     finally:
         rollout.shutdown()
         sandbox.shutdown()
         for worker in reward.workers:
             ray.kill(worker)
-    pairs = [(task, trajs[0], bs[0]) for (task, trajs), bs in zip(groups, breakdowns)]
-    for task, traj, b in pairs[:2]:
-        log.info("sample %s (%s, answer %s, reward %.2f, stop %s):\n%s", task.uid, task.extra.get("transform"),
-                 task.answer, b.total, traj.stop_reason, traj.response_text)
-    summary = summarize([eval_record(task, traj, b, "heldout", True) for task, traj, b in pairs])
-    calls = [call for _, traj, _ in pairs for call in traj.tool_calls]
-    needed = [traj for task, traj, _ in pairs if task.required_ops]
+
+
+def _decoded_eval(rollout, reward, tasks: list, n: int, temperature: float) -> dict[str, Any]:
+    from cv_ray.eval.metrics import summarize
+    from cv_ray.eval.runner import eval_record
+
+    trajectories, _ = rollout.rollout(tasks, n, temperature=temperature)  # task-major
+    groups = [(task, trajectories[i * n:(i + 1) * n]) for i, task in enumerate(tasks)]
+    breakdowns, _ = reward.score(groups)
+    triples = [(task, traj, b) for (task, trajs), bs in zip(groups, breakdowns) for traj, b in zip(trajs, bs)]
+    for task, traj, b in triples[:1]:
+        log.info("sample %s (%s, answer %s, reward %.2f, stop %s, temperature %g):\n%s", task.uid,
+                 task.extra.get("transform"), task.answer, b.total, traj.stop_reason, temperature, traj.response_text)
+    summary = summarize([eval_record(task, traj, b, "heldout", True) for task, traj, b in triples])
+    calls = [call for _, traj, _ in triples for call in traj.tool_calls]
+    needed = [traj for task, traj, _ in triples if task.required_ops]
     return {
         "accuracy": summary["accuracy"],
         "op_recall": summary["op_recall"],
@@ -117,15 +127,18 @@ def heldout_eval(model_dir: Path, cfg, tasks: list) -> dict[str, Any]:
         "valid_tool_call_rate": sum(c.ok for c in calls) / len(calls) if calls else None,
         "tool_calls": len(calls),
         "tool_use_rate_when_required": float(np.mean([len(t.tool_calls) > 0 for t in needed])) if needed else None,
-        "answer_rate": float(np.mean([t.stop_reason == "answer" for _, t, _ in pairs])),
-        "mean_reward": float(np.mean([b.total for _, _, b in pairs])),
+        "answer_rate": float(np.mean([t.stop_reason == "answer" for _, t, _ in triples])),
+        "mean_reward": float(np.mean([b.total for _, _, b in triples])),
         "accuracy_by_turn": summary["accuracy_by_transform"] or None,
-        "n": len(pairs),
+        "temperature": temperature,
+        "episodes": len(triples),
     }
 
 
-def plot_curve(path: Path, reward_by_step: list[float], eval_steps: list[int], eval_accuracy: list[float]) -> None:
-    """Mean training reward per RL step and held-out accuracy at the validation points."""
+def plot_curve(path: Path, reward_by_step: list[float], train_accuracy: list[float], eval_steps: list[int],
+               eval_accuracy: list[float]) -> None:
+    """Per RL step: mean reward and accuracy of the training rollouts (sampled); held-out greedy
+    accuracy at the validation points (step 0 = the SFT model)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,16 +146,17 @@ def plot_curve(path: Path, reward_by_step: list[float], eval_steps: list[int], e
 
     fig, left = plt.subplots(figsize=(7, 4))
     steps = list(range(1, len(reward_by_step) + 1))
-    left.plot(steps, reward_by_step, color="tab:blue", marker=".", label="mean reward (train rollouts)")
+    left.plot(steps, reward_by_step, color="tab:blue", marker=".", label="mean dense reward (training rollouts)")
     left.set_xlabel("RL step")
     left.set_ylabel("mean dense reward", color="tab:blue")
     right = left.twinx()
+    right.plot(steps, train_accuracy, color="tab:orange", marker=".", label="accuracy of training rollouts (sampled)")
     right.plot(eval_steps, eval_accuracy, color="tab:red", marker="o", label="held-out accuracy (greedy)")
-    right.set_ylabel("held-out accuracy", color="tab:red")
+    right.set_ylabel("accuracy")
     right.set_ylim(0, 1.05)
     right.axhline(0.25, color="gray", linestyle=":", linewidth=1)
     fig.legend(loc="lower right", fontsize=8)
-    left.set_title("learning demo: which corner is red, once upright (step 0 = SFT model)")
+    left.set_title("learning demo: colour of the upright top-left corner")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -215,15 +229,18 @@ def main(overrides: list[str]) -> dict[str, Any]:
     reward_by_step = [row["reward/total"] for row in history]
     eval_points = [(i + 1, row["eval/accuracy"]) for i, row in enumerate(history) if "eval/accuracy" in row]
     eval_steps = [0] + [s for s, _ in eval_points]
-    eval_accuracy = [evals["sft"]["accuracy"]] + [a for _, a in eval_points]
-    plot_curve(work_dir / "learning_curve.png", reward_by_step, eval_steps, eval_accuracy)
+    eval_accuracy = [evals["sft"]["greedy"]["accuracy"]] + [a for _, a in eval_points]
+    train_accuracy = [row["reward/correct"] for row in history]
+    plot_curve(work_dir / "learning_curve.png", reward_by_step, train_accuracy, eval_steps, eval_accuracy)
     metrics = {
-        **{f"{name}_{stage}": evals[stage][key]
+        **{f"{name}_{stage}": evals[stage]["sampled"][key]
            for name, key in (("heldout_accuracy", "accuracy"), ("valid_tool_call_rate", "valid_tool_call_rate"),
                              ("op_recall", "op_recall"), ("mean_reward_heldout", "mean_reward"))
            for stage in ("base", "sft", "rl")},
+        **{f"heldout_accuracy_greedy_{stage}": evals[stage]["greedy"]["accuracy"] for stage in ("base", "sft", "rl")},
         "mean_reward_by_step": reward_by_step,
-        "heldout_accuracy_by_step": dict(zip(eval_steps, eval_accuracy)),
+        "train_sampled_accuracy_by_step": train_accuracy,
+        "heldout_accuracy_greedy_by_step": dict(zip(eval_steps, eval_accuracy)),
         "chance_accuracy": 0.25,
         "evals": evals,
         "wall_s": {**phases.seconds, "total": round(time.perf_counter() - started, 1)},
@@ -235,8 +252,10 @@ def main(overrides: list[str]) -> dict[str, Any]:
     (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"run directory: {work_dir.resolve()}\n  metrics: {work_dir / 'metrics.json'}\n"
           f"  curve:   {work_dir / 'learning_curve.png'}")
-    print("held-out accuracy  base {:.3f}  SFT {:.3f}  RL {:.3f}   valid tool calls  SFT {}  RL {}   wall {:.0f} s".format(
-        metrics["heldout_accuracy_base"], metrics["heldout_accuracy_sft"], metrics["heldout_accuracy_rl"],
+    print("held-out accuracy, sampled  base {:.3f}  SFT {:.3f}  RL {:.3f} | greedy  base {:.3f}  SFT {:.3f}  RL {:.3f}"
+          .format(*(metrics[f"heldout_accuracy{kind}_{stage}"] for kind in ("", "_greedy")
+                    for stage in ("base", "sft", "rl"))))
+    print("valid tool calls  SFT {}  RL {}   wall {:.0f} s".format(
         metrics["valid_tool_call_rate_sft"], metrics["valid_tool_call_rate_rl"], metrics["wall_s"]["total"]))
     return metrics
 
