@@ -259,7 +259,7 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
             metrics = rl_step(ctx, step, batch, rollout, reward, learner)
             if _due(step, cfg.trainer.eval_every, cfg.trainer.rl.steps) and val_tasks:
                 metrics.update(validate(ctx, step, val_tasks, rollout, reward))
-            history.append({k: v for k, v in metrics.items() if k in ("reward/total", "eval/accuracy")})
+            history.append({k: v for k, v in metrics.items() if k in ("reward/total", "reward/correct", "eval/accuracy")})
             ctx.tracker.log(metrics, step=step, stage="rl")
             if _due(step, cfg.trainer.save_every, cfg.trainer.rl.steps):
                 _save(ctx, learner, step + 1, sampler.position, history)

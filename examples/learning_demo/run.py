@@ -1,14 +1,16 @@
 """The learning demonstration: SFT, then GRPO, measurably teach the tiny Qwen2.5-VL to fix orientation with code.
 
-The task family (cv_ray/data/demo_family.py): a 112 px image with four coloured corners and a black
-bar that marks "up", turned by 0/90/180/270 degrees; the question asks which corner of the *upright*
-image is red (chance: 1 in 4). The model must see where the bar is, call the code tool with the
-rotation that puts it on top, and read the red corner off the tool's output.
+The task family (cv_ray/data/demo_family.py): a 112 px image with four coloured quadrants, shaded in
+stripes that are dark on top, turned by 0/90/180/270 degrees; the question asks for the colour of
+the top-left corner of the *upright* image (chance: 1 in 4). The model must see which way the
+stripes point, call the code tool with the rotation that puts their dark sides on top plus a crop
+of the top-left quadrant, and name the colour of the tool's output.
 
 Phases, each timed, on a local Ray (2 CPU cores are enough):
 
     1 data        RL train/val tasks and SFT trajectories executed in the real sandbox
-    2 eval base   held-out tasks, greedy: accuracy, required-op recall, valid tool calls, mean reward
+    2 eval base   held-out tasks, greedy and sampled: accuracy, required-op recall, valid tool calls,
+                  mean reward
     3 SFT         the driver's SFT stage (cv_ray.driver.stage_sft) on the trajectories
     4 eval SFT
     5 RL          the driver's GRPO stage (cv_ray.driver.stage_rl: its canonical rl_step, dense reward,
