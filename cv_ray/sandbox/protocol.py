@@ -115,29 +115,10 @@ def map_shared_buffer(fd: int) -> mmap.mmap:
     return mmap.mmap(fd, os.fstat(fd).st_size)
 
 
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+; not exported by Python 3.11's mmap module
-_PAGE = mmap.PAGESIZE
-
-
-def populate(shm: memoryview, size: int) -> None:
-    """Map (and allocate) the first ``size`` bytes of a shared buffer in one call rather than one
-    page fault per page (each costs microseconds on a VM). A no-op where the kernel or the buffer
-    cannot: the pages then fault in as they are written."""
-    length = min(len(shm), -(-size // _PAGE) * _PAGE)
-    target = getattr(shm, "obj", None)
-    if length <= 0 or not isinstance(target, mmap.mmap):
-        return
-    try:
-        target.madvise(_MADV_POPULATE_WRITE, 0, length)
-    except OSError:  # EINVAL before Linux 5.14
-        return
-
-
 def _put_pixels(image: Image.Image, shm: memoryview) -> int:
     pixels = image.tobytes()
     if len(pixels) > len(shm):
         raise ProtocolError(f"image of {len(pixels)} bytes does not fit the {len(shm)}-byte shared buffer")
-    populate(shm, len(pixels))
     shm[:len(pixels)] = pixels
     return len(pixels)
 

@@ -142,7 +142,6 @@ class Zygote:
         self.layers["clean_environment"] = {"ok": not unexpected_env,
                                             "detail": f"unexpected variables: {unexpected_env}" if unexpected_env
                                             else "only thread-count variables"}
-        keep_freed_heap()  # before the imports, so the children inherit the setting
         self.tracer = _warm_up_imports()
         from cv_ray.sandbox.runner import CodeRunner
 
@@ -197,16 +196,12 @@ class Zygote:
 
     def _serve(self, req_r: int, resp_w: int, shm: memoryview) -> int:
         """The child's request loop (runs after hardening, next to the model's code)."""
-        from cv_ray.sandbox.protocol import ProtocolError, encode_response, populate, read_request, write_frame
+        from cv_ray.sandbox.protocol import ProtocolError, encode_response, read_request, write_frame
         from cv_ray.sandbox.runner import CodeRunner
 
         # Prefault, while this child is still a spare (off the critical path of its request): a
-        # throwaway job touches (and so copies) the pages every call needs; then the first pages of
-        # the pixel buffer and of the heap are made resident, so a megapixel request does not pay
-        # one page fault per 4 KiB (about 5 us each on a VM: ~15 ms for a 1 MP image in and out).
+        # throwaway job touches (and so copies) the pages every call needs.
         CodeRunner(*self.runner_args, tracer=self.tracer).run(_PREFAULT_CODE, _warmup_image())
-        populate(shm, PREFAULT_PIXEL_BYTES)
-        _prefault_heap(min(PREFAULT_HEAP_BYTES, self.settings.memory_mb * 2**20 // 4))
         runner = CodeRunner(*self.runner_args, tracer=self.tracer)
         try:
             while True:
@@ -364,44 +359,6 @@ class Zygote:
         finally:
             for child in self.children.values():
                 signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
-
-
-PREFAULT_PIXEL_BYTES = 8 * 2**20
-"""Leading bytes of a spare child's pixel buffer made resident in advance (a 2 MP RGBA image)."""
-PREFAULT_HEAP_BYTES = 12 * 2**20
-"""Heap a spare child makes resident and frees in advance, enough for a 1 MP RGB image in and
-out (capped at a quarter of its memory budget)."""
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+; not exported by Python 3.11's mmap module
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-def keep_freed_heap() -> bool:
-    """Make glibc serve large blocks from the heap and keep freed heap (mallopt), so pages a child
-    touched once stay resident for its later allocations. False where this is not glibc."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 64 * 2**20)) and bool(mallopt(_M_TRIM_THRESHOLD, 256 * 2**20))
-
-
-def _prefault_heap(size: int) -> None:
-    """Make ``size`` bytes of heap resident once and free them (kept by :func:`keep_freed_heap`)."""
-    import ctypes
-
-    block = bytearray(size)
-    start = ctypes.addressof(ctypes.c_char.from_buffer(block))
-    first_page = (start + 4095) & ~4095
-    length = (start + size - first_page) & ~4095
-    if length <= 0 or ctypes.CDLL(None).madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(length),
-                                                 _MADV_POPULATE_WRITE) != 0:
-        view = memoryview(block)  # no MADV_POPULATE_WRITE: touch one byte per page instead
-        view[::4096] = bytes(len(range(0, size, 4096)))
-        view.release()
-    del block
 
 
 def shared_buffer_bytes(max_pixels: int) -> int:

@@ -37,28 +37,6 @@ def test_shared_buffer_is_sealed():
         os.close(fd)
 
 
-def test_populate_allocates_the_leading_pages_of_a_buffer_at_once():
-    """The pixel buffer's pages are allocated in one call (MADV_POPULATE_WRITE) before pixels are
-    written, instead of one fault per page; the memfd's allocated blocks show it."""
-    size = 8 * 2**20
-    fd = protocol.create_shared_buffer(size)
-    mapping = protocol.map_shared_buffer(fd)
-    view = memoryview(mapping)
-    try:
-        assert os.fstat(fd).st_blocks == 0  # a fresh memfd holds no pages
-        protocol.populate(view, 2**20 + 1)
-        allocated = os.fstat(fd).st_blocks * 512
-        if allocated == 0:
-            pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14): pages fault in on first write")
-        assert 2**20 + 1 <= allocated <= 2**20 + 4096 * 16, allocated  # the rounded-up prefix, not the whole buffer
-        assert bytes(view[:16]) == bytes(16)  # still zero: populating writes nothing
-        protocol.populate(memoryview(bytearray(64)), 64)  # a plain buffer: nothing to populate, no error
-    finally:
-        view.release()
-        mapping.close()
-        os.close(fd)
-
-
 def _pipe_roundtrip(buffers: list[bytes], reader):
     r, w = os.pipe()
     try:
