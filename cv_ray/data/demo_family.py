@@ -3,9 +3,10 @@
 A small square image (112 px) has four quadrants coloured from a palette of four (a permutation,
 so every colour appears once) and is shaded in stripes, each dark in its top half, which marks
 "up". The image is turned by 0, 90, 180 or 270 degrees; the question asks for the colour of the
-top-left corner *of the upright image*, so a model that ignores the shading is right 1 time in 4. Answers are colour names
-(``task_type`` ``general``: exact text). ``required_ops`` are the rotation that undoes the turn (none
-for an upright image) and a crop of the top-left quadrant (``answer_box``, in the task image's frame).
+top-left corner *of the upright image*, so a model that ignores the shading is right 1 time in 4.
+Answers are colour names (``task_type`` ``general``: exact text). ``required_ops`` are the rotation
+that undoes the turn (none for an upright image) and a crop of the top-left quadrant
+(``answer_box``, in the task image's frame).
 
 Why a crop: the tool's output is then a single quadrant, and naming its colour is a global
 property of a small picture, which a tiny model learns in minutes. Finding *where* a colour sits
