@@ -3,7 +3,10 @@
 Each child has its own pair of pipes (small frames: header, code, JSON metadata) and its own
 shared-memory buffer (a sealed memfd that cannot shrink or grow) for the pixels, so a 1024x1024
 image crosses with one copy each way and one wake-up of the other side instead of dozens of pipe
-round trips.
+round trips. A buffer outlives its child: once the child is dead the parent zeroes every page
+that holds data (:func:`scrub_shared_buffer`) and the zygote hands it to a later child, whose
+pixels then land in pages that are already there (first touches of fresh pages cost more than
+the copy itself on a VM).
 
 Request (parent -> child)::
 
@@ -27,6 +30,7 @@ before it touches the payload, so a child that writes garbage gets a ``ProtocolE
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import mmap
@@ -37,6 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 REQUEST_MAGIC = b"CVQ1"
@@ -113,6 +118,37 @@ def create_shared_buffer(size: int) -> int:
 def map_shared_buffer(fd: int) -> mmap.mmap:
     """Map a shared pixel buffer (its whole size) read-write."""
     return mmap.mmap(fd, os.fstat(fd).st_size)
+
+
+def scrub_shared_buffer(fd: int, view: memoryview, max_dirty_bytes: int) -> bool:
+    """Zero every page of a shared buffer that holds data, so the next child to map it sees zeros only.
+
+    Which pages hold data comes from the kernel (``SEEK_DATA`` / ``SEEK_HOLE``: every page any
+    process wrote, whatever the last child claims it wrote). Returns False, zeroing nothing, when
+    more than ``max_dirty_bytes`` hold data: the caller then drops the buffer (freeing its pages)
+    rather than keep that much memory warm.
+    """
+    extents: list[tuple[int, int]] = []
+    dirty, position, size = 0, 0, len(view)
+    while position < size:
+        try:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after position
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end))
+        dirty += end - start
+        if dirty > max_dirty_bytes:
+            return False
+        position = end
+    if extents:
+        pixels = np.frombuffer(view, dtype=np.uint8)
+        for start, end in extents:
+            pixels[start:end] = 0
+        del pixels  # release the buffer export before anyone closes the mapping
+    return True
 
 
 def _put_pixels(image: Image.Image, shm: memoryview) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cv_ray.sandbox import protocol
-from cv_ray.sandbox.zygote import ZYGOTE_ENV_NAMES
+from cv_ray.sandbox.zygote import GLIBC_TUNABLES, ZYGOTE_ENV_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,43 @@ class ZygoteError(RuntimeError):
     """The zygote died or stopped answering (an infrastructure failure, never the model's)."""
 
 
-class ChildHandle:
-    """The parent's ends of one child: its request pipe, response pipe and shared pixel buffer."""
+#: A buffer holding more bytes of data than this once its child is gone is dropped (its pages
+#: freed) instead of scrubbed and lent again; a 2048 x 2048 RGBA image each way fits.
+RECYCLE_MAX_DIRTY_BYTES = 32 << 20
 
-    def __init__(self, pid: int, req_w: int, resp_r: int, shm_fd: int):
-        self.pid, self.req_w, self.resp_r = pid, req_w, resp_r
-        self._map = protocol.map_shared_buffer(shm_fd)
-        os.close(shm_fd)
-        self.shm = memoryview(self._map)
+
+class SharedBuffer:
+    """The parent's side of one shared pixel buffer: its memfd and one mapping, kept while the
+    zygote lends the buffer to child after child (each loan starts from zeros, see :meth:`scrub`)."""
+
+    def __init__(self, buffer_id: int, fd: int):
+        self.id, self.fd = buffer_id, fd
+        self._map = protocol.map_shared_buffer(fd)
+        self.view = memoryview(self._map)
+
+    def scrub(self) -> bool:
+        """Zero every page holding data (call only once no child maps it); False: too big to keep."""
+        return protocol.scrub_shared_buffer(self.fd, self.view, RECYCLE_MAX_DIRTY_BYTES)
+
+    def close(self) -> None:
+        self.view.release()
+        self._map.close()
+        os.close(self.fd)
+
+
+class ChildHandle:
+    """The parent's ends of one child: its request and response pipes and the buffer it was lent."""
+
+    def __init__(self, pid: int, req_w: int, resp_r: int, buffer: SharedBuffer):
+        self.pid, self.req_w, self.resp_r, self.buffer = pid, req_w, resp_r, buffer
+
+    @property
+    def shm(self) -> memoryview:
+        return self.buffer.view
 
     def close(self) -> None:
         for fd in (self.req_w, self.resp_r):
             os.close(fd)
-        self.shm.release()
-        self._map.close()
 
 
 @dataclass
@@ -74,6 +97,7 @@ def zygote_env() -> dict[str, str]:
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["PYTHONUTF8"] = "1"
     env["PYTHONCOERCECLOCALE"] = "0"  # else CPython sets LC_CTYPE in its own environment
+    env["GLIBC_TUNABLES"] = GLIBC_TUNABLES  # the zygote removes it once glibc has read it
     return env
 
 
@@ -92,6 +116,10 @@ class ZygoteProcess:
         self._tracked: set[int] = set()
         """Children handed out and not yet released: their exit reports are kept."""
         self._exits: dict[int, dict[str, Any]] = {}
+        self._buffers: dict[int, SharedBuffer] = {}
+        """Every shared buffer this zygote lent out, by its id: mapped once, scrubbed between loans."""
+        self._awaiting_exit: dict[int, SharedBuffer] = {}
+        """Buffers of released children whose exit is not reported yet (the child may still map them)."""
         self.served = 0
 
     # ----- control channel --------------------------------------------------------------------
@@ -112,14 +140,23 @@ class ZygoteProcess:
         message = json.loads(data)
         kind = message["msg"]
         if kind == "spare":
-            self._spares.append(ChildHandle(message["pid"], *fds))
+            req_w, resp_r, shm_fd = fds
+            buffer = self._buffers.get(message["buffer"])
+            if buffer is None:
+                buffer = self._buffers[message["buffer"]] = SharedBuffer(message["buffer"], shm_fd)
+            else:  # a buffer we lent before: its mapping is kept
+                os.close(shm_fd)
+            self._spares.append(ChildHandle(message["pid"], req_w, resp_r, buffer))
         elif kind == "exit":
             pid = message["pid"]
             if pid in self._tracked:
                 self._exits[pid] = message
+            elif pid in self._awaiting_exit:
+                self._recycle(self._awaiting_exit.pop(pid))
             for spare in [s for s in self._spares if s.pid == pid]:  # a spare that died unused
                 self._spares.remove(spare)
                 spare.close()
+                self._recycle(spare.buffer)
         elif kind == "hello":
             self.layers = message["layers"]
         return True
@@ -166,6 +203,10 @@ class ZygoteProcess:
         for spare in self._spares:
             spare.close()
         self._spares.clear()
+        for buffer in self._buffers.values():
+            buffer.close()
+        self._buffers.clear()
+        self._awaiting_exit.clear()
 
     # ----- children -----------------------------------------------------------------------------
 
@@ -183,12 +224,31 @@ class ZygoteProcess:
         return child.pid in self._exits
 
     def release(self, child: ChildHandle, kill: bool) -> None:
-        """Forget a child: close our pipe ends (a per-call child has exited or will see EOF)."""
-        if kill and child.pid not in self._exits:
+        """Forget a child: close our pipe ends (a per-call child has exited or will see EOF); its
+        buffer goes back to the zygote, scrubbed, once the child is reported dead."""
+        exited = child.pid in self._exits
+        if kill and not exited:
             self._send({"cmd": "kill", "pid": child.pid})
         self._tracked.discard(child.pid)
         self._exits.pop(child.pid, None)
         child.close()
+        if exited:
+            self._recycle(child.buffer)
+        else:
+            self._awaiting_exit[child.pid] = child.buffer
+
+    def _recycle(self, buffer: SharedBuffer) -> None:
+        """Scrub a buffer no live child maps and lend it back to the zygote (it keeps our mapping),
+        or drop it when it holds too much data to keep warm."""
+        if not buffer.scrub():
+            del self._buffers[buffer.id]
+            buffer.close()
+            return
+        message = json.dumps({"cmd": "recycle", "buffer": buffer.id}).encode()
+        try:
+            socket.send_fds(self.sock, [message], [buffer.fd])
+        except OSError as exc:  # the zygote is exiting: the next take_child reports it; nothing to lend to
+            log.debug("zygote %d did not take back buffer %d: %s", self.proc.pid, buffer.id, exc)
 
     def execute(self, child: ChildHandle, code: str, image, timeout_s: float, keep_alive: bool,
                 max_pixels: int) -> Outcome:
