@@ -38,6 +38,7 @@ import os
 import select
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,29 +121,34 @@ def map_shared_buffer(fd: int) -> mmap.mmap:
     return mmap.mmap(fd, os.fstat(fd).st_size)
 
 
-def scrub_shared_buffer(fd: int, view: memoryview, max_dirty_bytes: int) -> bool:
-    """Zero every page of a shared buffer that holds data, so the next child to map it sees zeros only.
-
-    Which pages hold data comes from the kernel (``SEEK_DATA`` / ``SEEK_HOLE``: every page any
-    process wrote, whatever the last child claims it wrote). Returns False, zeroing nothing, when
-    more than ``max_dirty_bytes`` hold data: the caller then drops the buffer (freeing its pages)
-    rather than keep that much memory warm.
-    """
-    extents: list[tuple[int, int]] = []
-    dirty, position, size = 0, 0, len(view)
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` byte ranges of a memfd that hold data, as the kernel reports them
+    (``SEEK_DATA`` / ``SEEK_HOLE``: every page any process wrote; holes read as zeros)."""
+    position = 0
     while position < size:
         try:
             start = os.lseek(fd, position, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # no data after position
-                break
+                return
             raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        position = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, position
+
+
+def scrub_shared_buffer(fd: int, view: memoryview, max_dirty_bytes: int) -> bool:
+    """Zero every page of a shared buffer that holds data, so the next child to map it sees zeros only.
+
+    Which pages hold data comes from the kernel (:func:`data_extents`), whatever the last child
+    claims it wrote. Returns False, zeroing nothing, when more than ``max_dirty_bytes`` hold data:
+    the caller then drops the buffer (freeing its pages) rather than keep that much memory warm.
+    """
+    extents, dirty = [], 0
+    for start, end in data_extents(fd, len(view)):
         extents.append((start, end))
         dirty += end - start
         if dirty > max_dirty_bytes:
             return False
-        position = end
     if extents:
         pixels = np.frombuffer(view, dtype=np.uint8)
         for start, end in extents:

@@ -34,16 +34,8 @@ def _pages_with_data(fd: int) -> int:
 def _only_zeros(fd: int, view: memoryview) -> bool:
     """Whether every page holding data is zero (holes read as zeros; reading them through the
     mapping would allocate them, so only the data extents are read)."""
-    pixels, position = np.frombuffer(view, dtype=np.uint8), 0
-    while position < len(view):
-        try:
-            start = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after position
-            return True
-        position = os.lseek(fd, start, os.SEEK_HOLE)
-        if pixels[start:position].any():
-            return False
-    return True
+    pixels = np.frombuffer(view, dtype=np.uint8)
+    return not any(pixels[start:end].any() for start, end in protocol.data_extents(fd, len(view)))
 
 
 def test_scrub_zeroes_every_written_page_and_keeps_them(buffer):
