@@ -11,6 +11,7 @@ The YAML groups in ``conf/`` fill the schema; ``conf/config.yaml`` lists the def
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -54,11 +55,13 @@ class ModelConfig:
 @dataclass
 class SFTScheduleConfig:
     epochs: float = 2.0
+    """Passes over the SFT trajectories (fractions allowed), unless max_steps stops first."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: run the epochs)."""
     batch_size: int = 16
     """Sequences per optimizer step across all ranks."""
     lr: float = 1e-5
+    """Peak SFT learning rate (RL uses learner.lr)."""
 
 
 @dataclass
@@ -76,10 +79,12 @@ class TrainerConfig:
     name: str = "default"
     """Run name: the run directory is `<run_root>/<name>` (sweeps: `<run_root>/<name>-sweep/<job>`)."""
     run_root: str = "runs"
+    """Parent directory of run directories (relative to the directory cv-ray is started in)."""
     work_dir: str = "runs/default"
     """Everything a run writes goes here (model, data, checkpoints, metrics, viewer, report).
     The YAML sets it to Hydra's output directory, so each sweep job gets its own."""
     seed: int = 0
+    """Seeds data order, sampling and the tiny model; the same seed repeats a run."""
     resume: str = "never"
     """`never`, `auto` (latest checkpoint in work_dir if any) or a checkpoint path."""
     eval_every: int = 0
@@ -89,7 +94,9 @@ class TrainerConfig:
     ray_num_cpus: int = 0
     """CPUs of a local Ray cluster (0: Ray's default). Overcommit to schedule many actors on few cores."""
     sft: SFTScheduleConfig = field(default_factory=SFTScheduleConfig)
+    """SFT schedule (the learner group is shared with RL)."""
     rl: RLScheduleConfig = field(default_factory=RLScheduleConfig)
+    """RL schedule."""
 
     def validate(self, prefix: str = "trainer") -> None:
         if self.stage not in STAGES:
@@ -107,6 +114,7 @@ class LoggerConfig:
     backends: list[str] = field(default_factory=lambda: ["console"])
     """Any of `console`, `jsonl`, `wandb`."""
     wandb_project: str = "cv_ray"
+    """wandb project of every run (a sweep's jobs are separate runs in it)."""
     wandb_mode: str = "offline"
     """`online`, `offline` or `disabled`."""
     samples_per_step: int = 4
@@ -116,23 +124,43 @@ class LoggerConfig:
 @dataclass
 class EvalConfig:
     suites: list[str] = field(default_factory=lambda: ["orientation"])
+    """Benchmark suites: names built by the data stage (`orientation`, `small_region`, `multi_op`,
+    `corruption`, `no_tool`) or paths to suite files (ours, or the reference's mvtoolbench Parquet)."""
+    model: str = ""
+    """Model to evaluate: empty for the newest model of the run (RL, then SFT, else model.path),
+    or any model directory."""
     with_tools: bool = True
+    """Evaluate with the code tool in the prompt."""
     without_tools: bool = True
+    """Also evaluate with the same prompts and no tool schema (the robustness baseline)."""
     n_samples: int = 1
+    """Episodes per task (more than 1 with temperature > 0 to estimate sampled accuracy)."""
     temperature: float = 0.0
+    """Sampling temperature (0: greedy)."""
 
 
 @dataclass
 class Config:
+    """The whole tree; each component receives only its own group."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The checkpoint every group starts from (`model=` picks a preset)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout workers and the agent loop (`rollout=hf|vllm`)."""
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Sandbox executors that run model-written code."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """Dense process reward weights, answer checking and the optional LLM judge."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """DeepSpeed learner group, losses and optimizer (`learner=cpu|zero3_gpu`)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Dataset location, generation sizes and user data files."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Stage, run directory, schedules, checkpoints, resume."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Metric back-ends (`logger=console|wandb`)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Benchmark evaluation (stage `eval` and the end of `pipeline`)."""
 
 
 def register_configs() -> None:
@@ -166,6 +194,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError("logger.backends", f"unknown backend {backend!r}", "use console, jsonl and/or wandb")
     if cfg.logger.wandb_mode not in ("online", "offline", "disabled"):
         raise ConfigError("logger.wandb_mode", f"got {cfg.logger.wandb_mode!r}", "use online, offline or disabled")
+    if cfg.eval.model and not (Path(cfg.eval.model) / "config.json").exists():
+        raise ConfigError("eval.model", f"{cfg.eval.model} is not a Hugging Face model directory (no config.json)",
+                          "give a model directory, or leave eval.model empty for the run's newest model")
     if cfg.learner.temperature != cfg.rollout.temperature:
         raise ConfigError("learner.temperature",
                           f"{cfg.learner.temperature} differs from rollout.temperature={cfg.rollout.temperature}: "

@@ -317,7 +317,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
     from cv_ray.eval.runner import evaluate
 
     _ensure_data(ctx)
-    model = ctx.latest_model()
+    model = Path(ctx.cfg.eval.model) if ctx.cfg.eval.model else ctx.latest_model()
     summaries, paths = evaluate(model, ctx.cfg, ctx.data_dir, ctx.work_dir / "eval")
     with_tools = summaries.get("with_tools", {})
     final = {"eval/accuracy": with_tools.get("accuracy")}

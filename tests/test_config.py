@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from cv_ray.cli import CONF_DIR
+from cv_ray.cli import CONF_DIR, expand_shorthands
 from cv_ray.config import Config, register_configs, to_typed, validate
 from cv_ray.errors import ConfigError
 
@@ -94,6 +94,38 @@ def test_cli_help_cfg_and_bad_value(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "sandbox.session" in bad.stderr and "Fix:" in bad.stderr
+    short = subprocess.run([CV_RAY, "--cfg", "job", "stage=eval", f"model={tmp_path}"],
+                           capture_output=True, text=True, timeout=120)
+    assert short.returncode == 0, short.stderr
+    assert "stage: eval" in short.stdout and f"path: {tmp_path}" in short.stdout
+    assert "family: auto" in short.stdout and f"model: {tmp_path}" in short.stdout
+
+
+def test_shorthands_expand_to_plain_overrides(tmp_path):
+    ckpt = str(tmp_path)
+    assert expand_shorthands(["stage=rl", "sandbox.num_executors=4"]) == ["trainer.stage=rl", "sandbox.num_executors=4"]
+    assert expand_shorthands([f"model={ckpt}"]) == ["model=checkpoint", f"model.path={ckpt}"]
+    # With stage eval, exactly the given model is evaluated (not the run directory's newest one).
+    assert expand_shorthands(["stage=eval", f"model={ckpt}"]) == [
+        "trainer.stage=eval", "model=checkpoint", f"model.path={ckpt}", f"eval.model={ckpt}"]
+    # Presets, multirun lists and explicit keys pass through untouched.
+    for args in (["model=tiny_qwen3_vl"], ["-m", "model=tiny_qwen3_vl,tiny_qwen2_5_vl"], ["model.path=/x"],
+                 ["trainer.stage=eval", "model=tiny_qwen3_vl"]):
+        assert expand_shorthands(args) == args
+
+
+def test_every_config_field_is_documented():
+    """Each schema field carries a docstring (printed nowhere else: it is the config's reference)."""
+    import ast
+
+    undocumented = []
+    for path in [Path(CONF_DIR).parent / "cv_ray" / "config.py", *Path(CONF_DIR).parent.glob("cv_ray/*/config.py")]:
+        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+            for stmt, after in zip(cls.body, [*cls.body[1:], None]):
+                documented = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                if isinstance(stmt, ast.AnnAssign) and not documented:
+                    undocumented.append(f"{path.name}:{cls.name}.{stmt.target.id}")
+    assert not undocumented, f"fields without a docstring: {undocumented}"
 
 
 def test_groups_must_fit_the_cluster():

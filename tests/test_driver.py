@@ -90,8 +90,9 @@ def test_training_changed_the_parameters(pipeline_run):
 
 def test_killed_run_resumes_from_its_checkpoint(pipeline_run, tmp_path):
     data_dir = pipeline_run / "data"
+    base_model = f"model={pipeline_run / 'tiny-qwen2_5_vl'}"  # the `model=PATH` shorthand (cv_ray.cli)
     args = [CV_RAY, f"trainer.run_root={tmp_path}", "trainer.name=killed", *SMALL, "trainer.stage=rl",
-            "trainer.rl.steps=3", "trainer.save_every=1", f"data.dir={data_dir}"]
+            "trainer.rl.steps=3", "trainer.save_every=1", f"data.dir={data_dir}", base_model]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
@@ -104,8 +105,8 @@ def test_killed_run_resumes_from_its_checkpoint(pipeline_run, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: driver and its local Ray
     proc.wait(timeout=60)
 
-    out = cv_ray(tmp_path, "killed", "trainer.stage=rl", "trainer.rl.steps=3", "trainer.save_every=1",
-                 "trainer.resume=auto", f"data.dir={data_dir}")
+    out = cv_ray(tmp_path, "killed", "stage=rl", "trainer.rl.steps=3", "trainer.save_every=1",
+                 "trainer.resume=auto", f"data.dir={data_dir}", base_model)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "resume: " in out.stdout + out.stderr  # Hydra logs to stdout
     rl_steps = [r["step"] for r in _rows(tmp_path / "killed" / "metrics.jsonl") if r["stage"] == "rl"]
@@ -119,8 +120,8 @@ def test_killed_run_resumes_from_its_checkpoint(pipeline_run, tmp_path):
 
 def test_two_job_sweep_writes_its_summary(pipeline_run, tmp_path):
     out = cv_ray(tmp_path, "sweep", "trainer.stage=rl", "trainer.rl.steps=1", "reward.alpha=0.5,1.0",
-                 f"data.dir={pipeline_run / 'data'}", f"model.path={pipeline_run / 'sft_model'}",
-                 "model.build_tiny=", multirun=True, timeout=900)
+                 f"data.dir={pipeline_run / 'data'}", f"model={pipeline_run / 'sft_model'}",
+                 multirun=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     sweep = tmp_path / "sweep-sweep"
     rows = json.loads((sweep / "summary.json").read_text())

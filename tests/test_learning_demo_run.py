@@ -65,10 +65,12 @@ def test_shortened_demo_sft_teaches_the_task_and_rl_raises_the_reward(tmp_path):
 
     reward = metrics["mean_reward_by_step"]
     assert len(reward) == RL_STEPS
-    # Step 0 samples the SFT policy; the last two steps, the trained one. Not the middle: the first
-    # update at the full learning rate (step 3) broke half the calls for one step in 2 of 4 runs,
-    # repaired by the next updates. The margin is ~4 standard deviations of the noise from both a
-    # loop that cannot learn (0) and the measured rise (0.67-0.75 in 4 runs).
-    assert np.mean(reward[-2:]) > reward[0] + 0.35, f"reward did not rise: {[round(r, 2) for r in reward]}"
+    # Step 0 samples the SFT policy; the last three steps, the trained one, by their median: now and
+    # then one update breaks many calls for a single step before the next update repairs them (in 5 of
+    # 11 runs, at steps 1-6, once down to 0.07), which a median of three tolerates and a mean does not.
+    # The margin is ~4 standard deviations of the noise from both a loop that cannot learn (0.23 for
+    # the lr 1e-12 control) and the measured rise (0.59-0.77 in 10 runs).
+    trained = float(np.median(reward[-3:]))
+    assert trained > reward[0] + 0.35, f"reward did not rise: {[round(r, 2) for r in reward]}"
     assert (tmp_path / "short" / "rl_model" / "model.safetensors").exists()
     assert (tmp_path / "short" / "learning_curve.png").stat().st_size > 10_000

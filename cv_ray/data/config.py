@@ -19,8 +19,11 @@ class DataConfig:
     families: list[str] = field(default_factory=lambda: list(_FAMILIES))
     """Synthetic task families to generate (see cv_ray/data/families.py), interleaved round-robin."""
     num_rl_tasks: int = 2000
+    """Synthetic RL training tasks to generate (0: only data.train_files)."""
     num_sft_trajectories: int = 500
+    """SFT trajectories to generate, each executed in the sandbox."""
     num_val_tasks: int = 64
+    """Held-out RL tasks for validation during RL."""
     suites: list[str] = field(default_factory=lambda: list(_SUITES))
     """Benchmark suites to build: a bare name means its latest version (`orientation` -> `orientation-v1`)."""
     suite_size: int = 24

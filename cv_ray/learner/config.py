@@ -22,6 +22,7 @@ class LossConfig:
     aggregation: str = "token_mean"
     """`token_mean` (over all unmasked tokens of the batch) or `seq_mean` (mean per sequence, then over sequences)."""
     clip_low: float = 0.2
+    """Lower PPO clip: the ratio may fall to 1 - clip_low."""
     clip_high: float = 0.28
     """Clip-higher: ratio is clipped to [1 - clip_low, 1 + clip_high]."""
     dual_clip: float = 10.0
@@ -43,15 +44,21 @@ class LearnerConfig:
     num_ranks: int = 1
     """DeepSpeed ranks (Ray actors); one torch.distributed group (gloo on CPU, NCCL on GPU)."""
     gpus_per_rank: float = 0.0
+    """GPUs per rank (1 on GPU nodes; 0 on CPU)."""
     cpus_per_rank: float = 1.0
+    """Ray CPUs reserved by each rank; on CPU also the rank's torch threads."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     lr: float = 1e-6
+    """Peak RL learning rate (AdamW)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_ratio: float = 0.05
+    """Share of the optimizer steps spent warming the learning rate up linearly from 0."""
     lr_schedule: str = "cosine"
     """`cosine` or `constant` after warm-up."""
     grad_clip: float = 1.0
+    """Gradient norm clip (0: off)."""
     micro_batch_size: int = 2
     """Sequences per forward/backward on one rank."""
     mini_batch_size: int = 0
@@ -62,6 +69,7 @@ class LearnerConfig:
     """Sampling temperature the log-probs are scored under; must equal rollout.temperature, or the
     importance ratio is not 1 on-policy."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more time)."""
     freeze_vision: bool = True
     """Freeze the vision tower and projector (`model.visual`, its merger included; the reference
     recipe does for SFT)."""
@@ -72,6 +80,7 @@ class LearnerConfig:
     weight_bucket_mb: int = 512
     """Weight push / export: ZeRO-3 gathers parameters in buckets of at most this many MiB."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The registered losses and their coefficients."""
 
     def validate(self, prefix: str = "learner") -> None:
         require_at_least(self, prefix, "num_ranks", 1)

@@ -63,6 +63,7 @@ class RewardConfig:
     cpus_per_worker: float = 1.0
     """Ray CPUs reserved by each RewardWorker."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """The optional LLM judge, asked only when the answer rules cannot decide."""
 
     def validate(self, prefix: str = "reward") -> None:
         for name in ("w_acc", "w_fmt", "alpha", "beta", "exact_bonus", "emerge_bonus", "gamma"):

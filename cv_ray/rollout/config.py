@@ -10,11 +10,13 @@ from cv_ray.errors import ConfigError, require_at_least
 @dataclass
 class VLLMConfig:
     tensor_parallel_size: int = 1
+    """GPUs one vLLM engine shards the model over (tensor parallelism)."""
     gpu_memory_utilization: float = 0.6
     """Fraction of GPU memory vLLM may take (weights + KV cache)."""
     enable_sleep_mode: bool = False
     """Free the KV cache between rollouts (colocated training)."""
     max_model_len: int = 32768
+    """Longest prompt + response vLLM plans its KV cache for (tokens)."""
 
 
 @dataclass
@@ -26,18 +28,23 @@ class RolloutConfig:
     gpus_per_worker: float = 0.0
     """GPUs per worker (0 on CPU). With vLLM: tensor_parallel_size GPUs."""
     cpus_per_worker: float = 1.0
+    """Ray CPUs reserved by each worker (its placement-group bundle); on CPU also the engine's torch threads."""
     n_samples: int = 4
     """Samples per task (the GRPO group size)."""
     temperature: float = 1.0
+    """Sampling temperature (learner.temperature must match)."""
     top_p: float = 1.0
+    """Nucleus sampling threshold (1: off)."""
     max_turns: int = 12
     """Assistant turns per episode (the reference recipe uses 12)."""
     max_new_tokens_per_turn: int = 1024
+    """Sampled tokens per assistant turn."""
     max_response_tokens: int = 16384
     """Token budget of a whole episode's response (sampled + tool tokens)."""
     max_concurrent_trajectories: int = 64
     """Episodes in flight per worker."""
     tool_image_min_pixels: int = 28 * 28 * 4
+    """Lower pixel bound of tool images as the model sees them."""
     tool_image_max_pixels: int = 1024 * 28 * 28
     """Tool images are resized into this range for the model; originals are kept for image_index."""
     hf_max_batch_size: int = 32
@@ -50,6 +57,7 @@ class RolloutConfig:
     with the tiny tokenizer). False suits a model taught the call format by SFT alone; the tool works
     the same either way. The SFT stage encodes with the same setting."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """vLLM engine settings (rollout=vllm)."""
 
     def validate(self, prefix: str = "rollout") -> None:
         if self.engine not in ("hf", "vllm"):

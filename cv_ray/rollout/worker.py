@@ -34,6 +34,11 @@ class RolloutWorker:
         from cv_ray.agent.loop import AgentLoop
         from cv_ray.rollout.engine import make_engine
 
+        if cfg.gpus_per_worker == 0:
+            import torch
+
+            # Ray's workers start with OMP_NUM_THREADS=1 (cv_ray.cluster); a CPU engine uses its CPU share.
+            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         self.model_path = str(model_path)
         self.engine = make_engine(self.model_path, cfg)
         self.codec = codec_from_config(AutoProcessor.from_pretrained(self.model_path), cfg)

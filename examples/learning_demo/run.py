@@ -81,31 +81,55 @@ def load_config(overrides: list[str]):
     return cfg
 
 
-def heldout_eval(model_dir: Path, cfg, tasks: list) -> dict[str, dict[str, Any]]:
-    """Episodes of ``model_dir`` on ``tasks``, decoded two ways: ``greedy`` (one episode per task)
-    and ``sampled`` (:data:`SAMPLED_EPISODES` per task at the training temperature
-    ``rollout.temperature``: the policy RL optimises, as a pass@1 estimate).
+class HeldoutEvaluator:
+    """Held-out evaluations of the base, SFT and RL models through one set of actors.
 
-    Each holds the eval package's accuracy and required-op recall, the valid tool-call rate (share
-    of attempted calls that parsed and ran; None when no call was made) and the mean dense reward.
+    On CPU most of an evaluation's cost would be starting its rollout worker (a process that imports
+    torch and transformers, then loads the model), so the worker stays up across the phases and loads
+    each next model's weights instead, through the rollout engines' weight-update path (the one the
+    learner's weight push takes). Idle between evaluations, its actors only hold memory.
     """
-    import ray
 
-    from cv_ray.reward import RewardGroup
-    from cv_ray.rollout.worker import RolloutGroup
-    from cv_ray.sandbox import SandboxGroup
+    def __init__(self, cfg, model_dir: Path) -> None:
+        from cv_ray.reward import RewardGroup
+        from cv_ray.rollout.worker import RolloutGroup
+        from cv_ray.sandbox import SandboxGroup
 
-    sandbox = SandboxGroup(cfg.sandbox)
-    rollout = RolloutGroup(str(model_dir), cfg.rollout, sandbox)
-    reward = RewardGroup(cfg.reward)
-    try:
-        return {"greedy": _decoded_eval(rollout, reward, tasks, 1, cfg.eval.temperature),
-                "sampled": _decoded_eval(rollout, reward, tasks, SAMPLED_EPISODES, cfg.rollout.temperature)}
-    finally:
-        rollout.shutdown()
-        sandbox.shutdown()
-        for worker in reward.workers:
+        self.cfg, self.model_dir = cfg, model_dir
+        self.sandbox = SandboxGroup(cfg.sandbox)
+        self.rollout = RolloutGroup(str(model_dir), cfg.rollout, self.sandbox)
+        self.reward = RewardGroup(cfg.reward)
+
+    def evaluate(self, model_dir: Path, tasks: list) -> dict[str, dict[str, Any]]:
+        """Episodes of ``model_dir`` on ``tasks``, decoded two ways: ``greedy`` (one episode per task)
+        and ``sampled`` (:data:`SAMPLED_EPISODES` per task at the training temperature
+        ``rollout.temperature``: the policy RL optimises, as a pass@1 estimate).
+
+        Each holds the eval package's accuracy and required-op recall, the valid tool-call rate (share
+        of attempted calls that parsed and ran; None when no call was made) and the mean dense reward.
+        """
+        if model_dir != self.model_dir:
+            self.rollout.update_weights(_model_weights(model_dir))
+            self.model_dir = model_dir
+        cfg = self.cfg
+        return {"greedy": _decoded_eval(self.rollout, self.reward, tasks, 1, cfg.eval.temperature),
+                "sampled": _decoded_eval(self.rollout, self.reward, tasks, SAMPLED_EPISODES, cfg.rollout.temperature)}
+
+    def close(self) -> None:
+        import ray
+
+        self.rollout.shutdown()
+        self.sandbox.shutdown()
+        for worker in self.reward.workers:
             ray.kill(worker)
+
+
+def _model_weights(model_dir: Path) -> dict[str, Any]:
+    """The model's parameters under the names its loaded module uses (the files on disk may hold the
+    checkpoint format's legacy names, which ``from_pretrained`` maps)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(model_dir).state_dict()
 
 
 def _decoded_eval(rollout, reward, tasks: list, n: int, temperature: float) -> dict[str, Any]:
@@ -216,14 +240,18 @@ def main(overrides: list[str]) -> dict[str, Any]:
 
         manifest = phases.run("data", data)
         heldout = list(read_tasks(ctx.data_dir / "rl_val.parquet"))
-        evals = {"base": phases.run("eval_base", heldout_eval, ctx.base_model, cfg, heldout)}
-        log.info("base: %s", evals["base"])
-        sft = phases.run("sft", stage_sft, ctx)
-        evals["sft"] = phases.run("eval_sft", heldout_eval, work_dir / "sft_model", cfg, heldout)
-        log.info("sft: %s", evals["sft"])
-        rl = phases.run("rl", stage_rl, ctx)
-        evals["rl"] = phases.run("eval_rl", heldout_eval, work_dir / "rl_model", cfg, heldout)
-        log.info("rl: %s", evals["rl"])
+        evaluator = HeldoutEvaluator(cfg, ctx.base_model)
+        try:
+            evals = {"base": phases.run("eval_base", evaluator.evaluate, ctx.base_model, heldout)}
+            log.info("base: %s", evals["base"])
+            sft = phases.run("sft", stage_sft, ctx)
+            evals["sft"] = phases.run("eval_sft", evaluator.evaluate, work_dir / "sft_model", heldout)
+            log.info("sft: %s", evals["sft"])
+            rl = phases.run("rl", stage_rl, ctx)
+            evals["rl"] = phases.run("eval_rl", evaluator.evaluate, work_dir / "rl_model", heldout)
+            log.info("rl: %s", evals["rl"])
+        finally:
+            evaluator.close()
     finally:
         tracker.close()
 
