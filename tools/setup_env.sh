@@ -23,5 +23,8 @@ echo "cv_ray setup: creating .venv and installing dependencies (first run takes 
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q $torch_spec
 .venv/bin/python -m pip install -q -e '.[dev]'
+# DeepSpeed compiles a CPU op the first time a learner starts (~1 min); build it now, into this
+# virtualenv's own cache (cv_ray/learner/ops.py says why), so no run or test pays for it.
+.venv/bin/python -m cv_ray.learner.ops
 echo "$want" > "$stamp"
 echo "cv_ray setup: done" >&2

@@ -33,6 +33,9 @@ class LearnerRank:
 
     def setup(self, master_addr: str, master_port: int, model_path: str, cfg: LearnerConfig, total_steps: int,
               seed: int) -> None:
+        from cv_ray.learner.ops import use_venv_extension_cache
+
+        use_venv_extension_cache()  # before DeepSpeed starts its backend (which loads its built op)
         import deepspeed
         import torch
 
