@@ -62,9 +62,6 @@ class RankWorker:
 
     def __init__(self, model_path: str, cfg: LearnerConfig, rank: int, world_size: int, total_steps: int,
                  seed: int) -> None:
-        from cv_ray.learner.ops import use_venv_extension_cache
-
-        use_venv_extension_cache()
         import deepspeed
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
