@@ -84,7 +84,8 @@ class TrainerConfig:
     """Everything a run writes goes here (model, data, checkpoints, metrics, viewer, report).
     The YAML sets it to Hydra's output directory, so each sweep job gets its own."""
     seed: int = 0
-    """Seeds data order, sampling and the tiny model; the same seed repeats a run."""
+    """Seeds the SFT and RL batch order and the learner (model-side RNG, RL mini-batch shuffles).
+    Data generation has its own `data.seed`."""
     resume: str = "never"
     """`never`, `auto` (latest checkpoint in work_dir if any) or a checkpoint path."""
     eval_every: int = 0
@@ -94,7 +95,7 @@ class TrainerConfig:
     ray_num_cpus: int = 0
     """CPUs of a local Ray cluster (0: Ray's default). Overcommit to schedule many actors on few cores."""
     sft: SFTScheduleConfig = field(default_factory=SFTScheduleConfig)
-    """SFT schedule (the learner group is shared with RL)."""
+    """SFT schedule; SFT runs its own learner group from the `learner` config with this `lr`."""
     rl: RLScheduleConfig = field(default_factory=RLScheduleConfig)
     """RL schedule."""
 
