@@ -70,6 +70,10 @@ class RLScheduleConfig:
     """RL steps (one rollout batch and its updates each)."""
     batch_size: int = 64
     """Tasks (prompts) per RL step; each is sampled rollout.n_samples times."""
+    advantage: str = "grpo"
+    """Registered advantage estimator the driver applies to each group's rewards (cv_ray.learner.advantages)."""
+    adv_std_norm: bool = True
+    """Divide group-centred rewards by the group's standard deviation."""
 
 
 @dataclass
@@ -104,6 +108,11 @@ class TrainerConfig:
             raise ConfigError(f"{prefix}.stage", f"got {self.stage!r}", f"use one of {', '.join(STAGES)}")
         if self.resume not in ("never", "auto") and not self.resume:
             raise ConfigError(f"{prefix}.resume", "empty", "use `never`, `auto` or a checkpoint path")
+        from cv_ray.learner.advantages import ADVANTAGE_ESTIMATORS
+
+        if self.rl.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ConfigError(f"{prefix}.rl.advantage", f"got {self.rl.advantage!r}",
+                              f"use one of {', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
         if self.rl.batch_size < 1:
             raise ConfigError(f"{prefix}.rl.batch_size", f"got {self.rl.batch_size}", "use at least 1")
         if self.sft.batch_size < 1:
@@ -198,11 +207,6 @@ def validate(cfg: Config) -> None:
     if cfg.eval.model and not (Path(cfg.eval.model) / "config.json").exists():
         raise ConfigError("eval.model", f"{cfg.eval.model} is not a Hugging Face model directory (no config.json)",
                           "give a model directory, or leave eval.model empty for the run's newest model")
-    if cfg.learner.temperature != cfg.rollout.temperature:
-        raise ConfigError("learner.temperature",
-                          f"{cfg.learner.temperature} differs from rollout.temperature={cfg.rollout.temperature}: "
-                          "the learner must score tokens at the temperature they were sampled with",
-                          "leave learner.temperature at its default `${rollout.temperature}`")
     if cfg.trainer.sft.batch_size % cfg.learner.num_ranks:
         raise ConfigError("trainer.sft.batch_size",
                           f"{cfg.trainer.sft.batch_size} sequences do not split over learner.num_ranks={cfg.learner.num_ranks}",

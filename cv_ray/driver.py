@@ -208,7 +208,8 @@ def stage_sft(ctx: RunContext) -> dict[str, Any]:
     steps = sched.max_steps or max(1, math.ceil(sched.epochs * len(samples) / sched.batch_size))
     log.info("sft: %d conversations, %d steps of %d", len(samples), steps, sched.batch_size)
 
-    learner = LearnerGroup(ctx.base_model, replace(cfg.learner, lr=sched.lr), total_steps=steps, seed=cfg.trainer.seed)
+    learner = LearnerGroup(ctx.base_model, replace(cfg.learner, lr=sched.lr), total_steps=steps, seed=cfg.trainer.seed,
+                           temperature=cfg.rollout.temperature)
     metrics: dict[str, float] = {}
     try:
         for step in _progress(range(steps), "sft"):
@@ -226,7 +227,7 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
     """GRPO from the SFT model (or the base model): the RL loop with evaluation and checkpoints."""
     from cv_ray.learner.group import LearnerGroup
     from cv_ray.reward import RewardGroup
-    from cv_ray.rollout.worker import RolloutGroup
+    from cv_ray.rollout.rollout_worker import RolloutGroup
     from cv_ray.sandbox import SandboxGroup
 
     _ensure_data(ctx)
@@ -243,7 +244,7 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
     rollout = RolloutGroup(str(policy), cfg.rollout, sandbox)
     reward = RewardGroup(cfg.reward)
     learner = LearnerGroup(policy, cfg.learner, total_steps=cfg.trainer.rl.steps * updates_per_step,
-                           seed=cfg.trainer.seed)
+                           seed=cfg.trainer.seed, temperature=cfg.rollout.temperature)
     sampler = BatchSampler(len(tasks), cfg.trainer.rl.batch_size, seed=cfg.trainer.seed)
     start_step, history = 0, []
     try:
@@ -258,7 +259,7 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
             batch = [tasks[i] for i in sampler.next()]
             metrics = rl_step(ctx, step, batch, rollout, reward, learner)
             if _due(step, cfg.trainer.eval_every, cfg.trainer.rl.steps) and val_tasks:
-                metrics.update(validate(ctx, step, val_tasks, rollout, reward))
+                metrics.update(validation_rollouts(ctx, step, val_tasks, rollout, reward))
             history.append({k: v for k, v in metrics.items() if k in ("reward/total", "reward/correct", "eval/accuracy")})
             ctx.tracker.log(metrics, step=step, stage="rl")
             if _due(step, cfg.trainer.save_every, cfg.trainer.rl.steps):
@@ -288,8 +289,8 @@ def rl_step(ctx: RunContext, step: int, tasks: list, rollout, reward, learner) -
         with timer("advantage"):  # 3. group-normalized advantages
             flat = [(traj, b) for (_, trajs), bs in zip(groups, breakdowns) for traj, b in zip(trajs, bs)]
             advantages, adv_metrics = compute_advantages(
-                cfg.learner.loss.advantage, [b.total for _, b in flat], [t.uid for t, _ in flat],
-                std_norm=cfg.learner.loss.adv_std_norm)
+                cfg.trainer.rl.advantage, [b.total for _, b in flat], [t.uid for t, _ in flat],
+                std_norm=cfg.trainer.rl.adv_std_norm)
         with timer("update"):  # 4. policy update (clipped loss + KL to the reference)
             learner_metrics = learner.rl_step([rl_sample(t, a) for (t, _), a in zip(flat, advantages)])
         with timer("weight_push"):  # 5. new weights to every rollout engine
@@ -302,12 +303,12 @@ def rl_step(ctx: RunContext, step: int, tasks: list, rollout, reward, learner) -
             **_prefixed("push", push_metrics), **timer.seconds}
 
 
-def validate(ctx: RunContext, step: int, val_tasks: list, rollout, reward) -> dict[str, float]:
+def validation_rollouts(ctx: RunContext, step: int, val_tasks: list, rollout, reward) -> dict[str, float]:
     """Greedy rollouts on the validation tasks: accuracy and mean reward (`eval/*`)."""
     trajectories, _ = rollout.rollout(val_tasks, 1, temperature=ctx.cfg.eval.temperature)
     breakdowns, _ = reward.score(_group(val_tasks, trajectories))
     flat = [b for bs in breakdowns for b in bs]
-    return {"eval/accuracy": float(np.mean([b.components.get("correct", b.components.get("acc", 0.0)) for b in flat])),
+    return {"eval/accuracy": float(np.mean([b.correct for b in flat])),
             "eval/reward": float(np.mean([b.total for b in flat])),
             "eval/tool_use_rate": float(np.mean([len(t.tool_calls) > 0 for t in trajectories]))}
 

@@ -157,12 +157,17 @@ class Trajectory:
 
 @dataclass
 class RewardBreakdown:
-    """The reward of one trajectory: the total and every component that made it."""
+    """The reward of one trajectory: the total, the terms it was made from, and log-only statistics."""
 
     total: float
-    components: dict[str, float] = field(default_factory=dict)
-    """Unweighted term values (``acc``, ``fmt``, ``mandatory``, ``necessity``, ``exact``,
-    ``emerge``, ``usage``, ``spurious``) and anything else worth logging."""
+    terms: dict[str, float] = field(default_factory=dict)
+    """The unweighted value of every term the total is a weighted sum of (``acc``, ``fmt``,
+    ``mandatory``, ``necessity``, ``exact``, ``emerge``, ``usage``, ``spurious``; see
+    ``cv_ray.reward.dense.term_weights``). Nothing else: ``total == sum(weight * term)``."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """Statistics logged beside the reward but not part of it (``iou``, ``calls``, ``tool_errors``)."""
+    correct: bool = False
+    """The answer verdict (rules, math-verify or the judge)."""
     judge_failed: bool = False
     """True when the LLM judge was asked and failed; the accuracy term is then a flagged 0."""
 

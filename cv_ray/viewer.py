@@ -25,7 +25,10 @@ class ViewerSample:
     answer: str
     response_text: str
     reward: float
-    components: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, float] = field(default_factory=dict)
+    """The reward's unweighted terms (``RewardBreakdown.terms``)."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """Log-only numbers beside the reward (``RewardBreakdown.stats``) and ``correct``."""
     images: list[Image.Image] = field(default_factory=list)
     """Image 0 first, then each tool output (the trajectory's full-resolution images)."""
     tool_calls: list[dict] = field(default_factory=list)
@@ -46,7 +49,8 @@ class ViewerSample:
                 "ops": [op.get("op") for op in (result.ops if result else [])],
             })
         return cls(uid=f"{traj.uid}#{traj.sample_index}", question=task.question, answer=task.answer,
-                   response_text=traj.response_text, reward=breakdown.total, components=dict(breakdown.components),
+                   response_text=traj.response_text, reward=breakdown.total, terms=dict(breakdown.terms),
+                   stats={**breakdown.stats, "correct": float(breakdown.correct)},
                    images=list(traj.images), tool_calls=calls)
 
 
@@ -94,7 +98,7 @@ class RolloutViewer:
                     f"<div class=call><b>turn {c['turn']}</b> on image {c['image_index']} — {status}"
                     f" — ops: {esc(', '.join(map(str, c['ops'])) or 'none')}<pre>{esc(c['code'])}</pre>{out}</div>"
                 )
-            comps = ", ".join(f"{k}={v:.3g}" for k, v in sorted(s.components.items()))
+            comps = ", ".join(f"{k}={v:.3g}" for k, v in sorted({**s.terms, **s.stats}.items()))
             blocks.append(
                 f"<section><h3>{esc(s.uid)} — reward {s.reward:.3f}</h3><p class=comp>{esc(comps)}</p>"
                 f"<p><b>Q:</b> {esc(s.question)} <b>truth:</b> {esc(s.answer)}</p>"

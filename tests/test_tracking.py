@@ -16,7 +16,7 @@ def _sample(i: int) -> ViewerSample:
     calls = [{"turn": 0, "code": "result = image.rotate(90, expand=True)", "image_index": 0, "ok": True,
               "error": "", "output_index": 1, "ops": ["rotate_90"]}]
     return ViewerSample(uid=f"task{i}#0", question="What is written?", answer="cat", response_text="<answer>cat</answer>",
-                        reward=1.5, components={"acc": 1.0, "fmt": 1.0}, images=images, tool_calls=calls)
+                        reward=1.5, terms={"acc": 1.0, "fmt": 1.0}, images=images, tool_calls=calls)
 
 
 def test_jsonl_and_viewer(tmp_path):

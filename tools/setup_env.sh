@@ -24,7 +24,7 @@ echo "cv_ray setup: creating .venv and installing dependencies (first run takes 
 .venv/bin/python -m pip install -q $torch_spec
 .venv/bin/python -m pip install -q -e '.[dev]'
 # DeepSpeed compiles a CPU op the first time a learner starts (~1 min); build it now, into this
-# virtualenv's own cache (cv_ray/learner/ops.py says why), so no run or test pays for it.
-.venv/bin/python -m cv_ray.learner.ops
+# virtualenv's own cache (cv_ray/learner/deepspeed_ops.py says why), so no run or test pays for it.
+.venv/bin/python -m cv_ray.learner.deepspeed_ops
 echo "$want" > "$stamp"
 echo "cv_ray setup: done" >&2

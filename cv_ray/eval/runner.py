@@ -56,7 +56,7 @@ def eval_record(task: Task, traj: Trajectory, breakdown: RewardBreakdown, suite:
     return EvalRecord(
         task_uid=task.uid, suite=suite, transform=str(task.extra.get("transform", "none")),
         base_id=str(task.extra.get("base_id", task.uid)), with_tools=with_tools,
-        correct=bool(breakdown.components.get("correct", 0.0)), tool_calls=len(traj.tool_calls),
+        correct=breakdown.correct, tool_calls=len(traj.tool_calls),
         tool_errors=errors, turns=traj.num_turns, ops_used=used, required_ops=list(task.required_ops),
         crop_iou=crop_iou,
     )
@@ -65,7 +65,7 @@ def eval_record(task: Task, traj: Trajectory, breakdown: RewardBreakdown, suite:
 def evaluate(model_dir: Path, cfg: Config, data_dir: Path, out_dir: Path) -> tuple[dict[str, dict], dict[str, Path]]:
     """Run every suite in both modes and write the report. Returns (summaries per mode, report paths)."""
     from cv_ray.reward import RewardGroup
-    from cv_ray.rollout.worker import RolloutGroup
+    from cv_ray.rollout.rollout_worker import RolloutGroup
     from cv_ray.sandbox import SandboxGroup
 
     suites = [load_suite(name, data_dir, cfg.data.seed, cfg.data.suite_size, cfg.data.image_size)

@@ -1,7 +1,9 @@
 """Configuration of the DeepSpeed learner group (Hydra group `learner`).
 
-Variant names (`policy_loss`, `advantage`, `aggregation`, `kl_estimator`, `lr_schedule`) are checked
-against the registries of the pure-math modules (cv_ray.learner.losses / advantages / schedule).
+Variant names (`policy_loss`, `aggregation`, `kl_estimator`, `lr_schedule`) are checked against the
+registries of the pure-math modules (cv_ray.learner.losses / schedule). The learner scores tokens at
+the temperature they were sampled with, which the driver passes (`rollout.temperature`); the
+advantage estimator is the driver's (`trainer.rl.advantage`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,6 @@ from cv_ray.errors import ConfigError, require_at_least
 class LossConfig:
     policy_loss: str = "ppo_clip"
     """Registered policy-loss name (see cv_ray.learner.losses)."""
-    advantage: str = "grpo"
-    """Registered advantage estimator (see cv_ray.learner.advantages)."""
-    adv_std_norm: bool = True
-    """Divide group-centred rewards by the group's standard deviation."""
     aggregation: str = "token_mean"
     """`token_mean` (over all unmasked tokens of the batch) or `seq_mean` (mean per sequence, then over sequences)."""
     clip_low: float = 0.2
@@ -65,9 +63,6 @@ class LearnerConfig:
     """Sequences per optimizer step across ranks (0: the whole RL batch in one step)."""
     ppo_epochs: int = 1
     """Passes over each RL batch."""
-    temperature: float = 1.0
-    """Sampling temperature the log-probs are scored under; must equal rollout.temperature, or the
-    importance ratio is not 1 on-policy."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more time)."""
     freeze_vision: bool = True
@@ -91,7 +86,6 @@ class LearnerConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"{prefix}.warmup_ratio", f"got {self.warmup_ratio}", "use a value in [0, 1)")
         # Registries live with the math; imported here so the config module itself stays light.
-        from cv_ray.learner.advantages import ADVANTAGE_ESTIMATORS
         from cv_ray.learner.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
         from cv_ray.learner.schedule import LR_SCHEDULES
 
@@ -104,8 +98,6 @@ class LearnerConfig:
         if self.mini_batch_size < 0:
             raise ConfigError(f"{prefix}.mini_batch_size", f"got {self.mini_batch_size}", "use 0 (whole batch) or more")
         require_at_least(self, prefix, "ppo_epochs", 1)
-        if self.temperature < 0:
-            raise ConfigError(f"{prefix}.temperature", f"got {self.temperature}", "use rollout.temperature (>= 0)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{prefix}.precision", f"got {self.precision!r}", "use `auto`, `bf16` or `fp32`")
         require_at_least(self, prefix, "weight_bucket_mb", 1)
@@ -113,7 +105,6 @@ class LearnerConfig:
             raise ConfigError(f"{prefix}.grad_clip", f"got {self.grad_clip}", "use 0 (off) or a positive norm")
         loss = self.loss
         check_name("loss.policy_loss", loss.policy_loss, POLICY_LOSSES)
-        check_name("loss.advantage", loss.advantage, ADVANTAGE_ESTIMATORS)
         check_name("loss.aggregation", loss.aggregation, AGGREGATIONS)
         check_name("loss.kl_estimator", loss.kl_estimator, KL_ESTIMATORS)
         if loss.kl_coef < 0 or loss.entropy_coef < 0 or loss.tis_cap < 0:

@@ -2,7 +2,8 @@
 
 The driver calls, in a run::
 
-    group = LearnerGroup(model_path, cfg.learner, total_steps=optimizer_steps, seed=cfg.trainer.seed)
+    group = LearnerGroup(model_path, cfg.learner, total_steps=optimizer_steps, seed=cfg.trainer.seed,
+                         temperature=cfg.rollout.temperature)
     metrics = group.sft_step(samples)             # SFT: one optimizer step on these sequences
     metrics = group.rl_step(samples)              # RL: ppo_epochs x mini-batches of optimizer steps
     ref = group.gather_weights()                  # ObjectRef of {hf_name: tensor}; or:
@@ -35,7 +36,7 @@ import ray
 from cv_ray.learner.batch import TrainSample
 from cv_ray.learner.config import LearnerConfig
 from cv_ray.learner.losses import AGGREGATIONS, TokenMean
-from cv_ray.learner.rank import LearnerRank
+from cv_ray.learner.rank_actor import LearnerRank
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,13 @@ _LEARNER_KEY = "_learner"
 
 
 class LearnerGroup:
-    def __init__(self, model_path: str | Path, cfg: LearnerConfig, total_steps: int = 0, seed: int = 0) -> None:
+    def __init__(self, model_path: str | Path, cfg: LearnerConfig, total_steps: int = 0, seed: int = 0,
+                 temperature: float = 1.0) -> None:
         """Start ``cfg.num_ranks`` rank actors and build the policy (and reference) engines on them.
 
         ``total_steps``: optimizer steps the LR schedule spans (0: warm-up-free constant rate, cosine
-        never decays). ``seed``: model-side RNG and the RL mini-batch shuffles.
+        never decays). ``seed``: model-side RNG and the RL mini-batch shuffles. ``temperature``: the
+        one the rollout samples at; tokens are scored under it (importance ratio 1 on-policy).
         """
         cfg.validate()
         self.cfg, self.seed, self.global_step = cfg, seed, 0
@@ -56,7 +59,8 @@ class LearnerGroup:
         self.ranks = [LearnerRank.options(**options).remote(r, world) for r in range(world)]
         addr, port = ray.get(self.ranks[0].rendezvous_address.remote())
         start = time.perf_counter()
-        ray.get([r.setup.remote(addr, port, str(model_path), cfg, total_steps, seed) for r in self.ranks])
+        ray.get([r.setup.remote(addr, port, str(model_path), cfg, total_steps, seed, temperature)
+                 for r in self.ranks])
         log.info("learner group up: %d rank(s), ZeRO-%d, %.1fs", world, cfg.zero_stage, time.perf_counter() - start)
 
     # ------------------------------------------------------------------------------- data split

@@ -5,8 +5,8 @@ For a task with required ops E and a sample that used ops U (see docs/reward.md)
     R_total = w_acc·R_acc + w_fmt·R_fmt + α·R_mandatory + β·R_necessity
               + b_exact·R_exact + b_emerge·R_emerge − γ·(C_usage + R_spurious)
 
-Every term is stored unweighted in ``RewardBreakdown.components`` (R_exact and R_emerge as 0/1
-indicators; their weights are the bonuses 0.1 and 0.2). Two variants read the ops differently,
+Every term is stored unweighted in ``RewardBreakdown.terms`` (R_exact and R_emerge as 0/1
+indicators; their weights are the bonuses 0.1 and 0.2); log-only numbers go to ``stats``. Two variants read the ops differently,
 chosen by ``RewardConfig.reference_compat`` from :data:`OP_RULES`:
 
 * ``fixed`` (default): only successful calls' ops count; crop IoU is taken in image 0's frame;
@@ -132,7 +132,7 @@ def necessity_terms(correct: Sequence[bool], used_tool: Sequence[bool]) -> list[
 
 
 def term_weights(cfg: RewardConfig) -> dict[str, float]:
-    """Signed weight of each unweighted component in the total (penalties negative)."""
+    """Signed weight of each unweighted term in the total (penalties negative)."""
     return {
         "acc": cfg.w_acc, "fmt": cfg.w_fmt, "mandatory": cfg.alpha, "necessity": cfg.beta,
         "exact": cfg.exact_bonus, "emerge": cfg.emerge_bonus, "usage": -cfg.gamma, "spurious": -cfg.gamma,
@@ -143,15 +143,14 @@ def score_group(task: Task, samples: Sequence[SampleOutcome], cfg: RewardConfig)
     """The reward of each sample of one GRPO group (all samples of ``task``), in order.
 
     Samples with ``correct=None`` are decided here by the answer rules (math-verify included; no
-    judge). Components: the eight terms (unweighted) plus ``correct``, ``iou``, ``calls`` and
-    ``tool_errors`` for logging.
+    judge). ``terms``: the eight terms, unweighted; ``stats``: ``iou``, ``calls`` and ``tool_errors``.
     """
     rules = OP_RULES["reference" if cfg.reference_compat else "fixed"]
     weights = term_weights(cfg)
     required = set(task.required_ops)
     crop_required = "crop" in required
 
-    per_sample: list[dict[str, float]] = []
+    per_sample: list[tuple[dict[str, float], dict[str, float]]] = []
     verdicts: list[bool] = []
     for sample in samples:
         correct = sample.correct
@@ -167,7 +166,7 @@ def score_group(task: Task, samples: Sequence[SampleOutcome], cfg: RewardConfig)
         else:  # no region to compare with: a crop counts as done
             crop_score = 1.0 if crops else 0.0
         mandatory = mandatory_term(required, used, crop_score)
-        per_sample.append({
+        terms = {
             "acc": accuracy_term(correct, crop_required, mandatory, cfg.crop_gate),
             "fmt": format_reward(sample.response_text),
             "mandatory": mandatory,
@@ -175,29 +174,32 @@ def score_group(task: Task, samples: Sequence[SampleOutcome], cfg: RewardConfig)
             "emerge": 1.0 if correct and any(rules.emerges(op) for op in counted) else 0.0,
             "usage": usage_term(sample.num_code_calls, len(required), cfg.free_calls),
             "spurious": spurious_term(required, used),
-            "correct": float(correct),
-            "iou": crop_score,
-            "calls": float(sample.num_code_calls),
-            "tool_errors": float(sample.num_tool_errors),
-        })
+        }
+        stats = {"iou": crop_score, "calls": float(sample.num_code_calls),
+                 "tool_errors": float(sample.num_tool_errors)}
+        per_sample.append((terms, stats))
         verdicts.append(correct)
 
     necessity = necessity_terms(verdicts, [s.num_code_calls > 0 for s in samples])
     breakdowns = []
-    for components, sample, necessity_value in zip(per_sample, samples, necessity):
-        components["necessity"] = necessity_value
-        total = sum(weight * components[name] for name, weight in weights.items())
-        breakdowns.append(RewardBreakdown(total=total, components=components, judge_failed=sample.judge_failed))
+    for (terms, stats), correct, sample, necessity_value in zip(per_sample, verdicts, samples, necessity):
+        terms["necessity"] = necessity_value
+        total = sum(weight * terms[name] for name, weight in weights.items())
+        breakdowns.append(RewardBreakdown(total=total, terms=terms, stats=stats, correct=correct,
+                                          judge_failed=sample.judge_failed))
     return breakdowns
 
 
-def mean_components(breakdowns: Sequence[RewardBreakdown]) -> dict[str, float]:
-    """Mean of the total, of every component and of the judge-failure flag over ``breakdowns``."""
+def mean_breakdown(breakdowns: Sequence[RewardBreakdown]) -> dict[str, float]:
+    """Means over ``breakdowns`` of the total, every term, every statistic, ``correct`` and ``judge_failed``
+    (metric names without a prefix: ``total``, ``acc``, ..., ``iou``, ``correct``, ``judge_failed``)."""
     if not breakdowns:
         return {}
     n = len(breakdowns)
     means = {"total": sum(b.total for b in breakdowns) / n,
+             "correct": sum(b.correct for b in breakdowns) / n,
              "judge_failed": sum(b.judge_failed for b in breakdowns) / n}
-    for name in breakdowns[0].components:
-        means[name] = sum(b.components[name] for b in breakdowns) / n
+    for field_name in ("terms", "stats"):
+        for name in getattr(breakdowns[0], field_name):
+            means[name] = sum(getattr(b, field_name)[name] for b in breakdowns) / n
     return means

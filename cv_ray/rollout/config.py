@@ -32,7 +32,7 @@ class RolloutConfig:
     n_samples: int = 4
     """Samples per task (the GRPO group size)."""
     temperature: float = 1.0
-    """Sampling temperature (learner.temperature must match)."""
+    """Sampling temperature; the learner scores tokens at the same one (importance ratio 1 on-policy)."""
     top_p: float = 1.0
     """Nucleus sampling threshold (1: off)."""
     max_turns: int = 12

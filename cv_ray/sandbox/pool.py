@@ -33,7 +33,7 @@ from PIL import Image
 from cv_ray.sandbox import messages, protocol
 from cv_ray.sandbox.config import SandboxConfig
 from cv_ray.sandbox.recognize import reconcile
-from cv_ray.sandbox.worker import ChildHandle, Outcome, ZygoteError, ZygoteProcess
+from cv_ray.sandbox.zygote_handle import ChildHandle, Outcome, ZygoteError, ZygoteProcess
 from cv_ray.types import ExecResult
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The sandbox zygote: a warm, single-threaded process that forks one hardened child per request.
 
-Started by :class:`cv_ray.sandbox.worker.ZygoteProcess` with an empty environment, never by hand::
+Started by :class:`cv_ray.sandbox.zygote_handle.ZygoteProcess` with an empty environment, never by hand::
 
     python -m cv_ray.sandbox.zygote <control fd> '<settings JSON>'
 

@@ -92,7 +92,7 @@ class HeldoutEvaluator:
 
     def __init__(self, cfg, model_dir: Path) -> None:
         from cv_ray.reward import RewardGroup
-        from cv_ray.rollout.worker import RolloutGroup
+        from cv_ray.rollout.rollout_worker import RolloutGroup
         from cv_ray.sandbox import SandboxGroup
 
         self.cfg, self.model_dir = cfg, model_dir

@@ -13,7 +13,7 @@ import pytest
 from reward_testlib import op, sample, task
 
 from cv_ray.reward.config import RewardConfig
-from cv_ray.reward.dense import mean_components, necessity_terms, score_group
+from cv_ray.reward.dense import mean_breakdown, necessity_terms, score_group
 from cv_ray.types import RewardBreakdown
 
 FIXED = RewardConfig()
@@ -22,7 +22,8 @@ TERMS = ("acc", "fmt", "mandatory", "necessity", "exact", "emerge", "usage", "sp
 
 
 def check(breakdown: RewardBreakdown, expected_terms: dict[str, float], total: float) -> None:
-    terms = {name: breakdown.components[name] for name in TERMS}
+    assert set(breakdown.terms) == set(TERMS), "terms hold exactly the weighted terms (log-only numbers go to stats)"
+    terms = {name: breakdown.terms[name] for name in TERMS}
     assert terms == pytest.approx({name: expected_terms.get(name, 0.0) for name in TERMS})
     assert breakdown.total == pytest.approx(total)
 
@@ -62,7 +63,7 @@ def test_rotation_only():
     check(out[3], {"acc": 1, "fmt": 1, "mandatory": 1, "exact": 1}, 2.2)
     check(out[4], {"acc": 1, "fmt": 1, "mandatory": 1, "exact": 1}, 2.2)
     check(out[5], {"fmt": 1}, 0.1)                                           # a failed call applied nothing
-    assert out[5].components["tool_errors"] == 1
+    assert out[5].stats["tool_errors"] == 1
 
 
 def test_reference_compat_reproduces_the_emerge_and_failed_call_flaws():
@@ -92,7 +93,7 @@ def test_crop_only(box, iou_value, terms, total):
     t = task(required=["crop"], answer_box=[0, 0, 10, 10])
     (out,) = score_group(t, [sample(True, [op("crop", box=box)])], FIXED)
     check(out, terms, total)
-    assert out.components["iou"] == pytest.approx(iou_value)
+    assert out.stats["iou"] == pytest.approx(iou_value)
 
 
 def test_crop_takes_the_best_of_several_boxes():
@@ -185,7 +186,7 @@ def test_weights_scale_their_terms():
     s = [sample(True, [op("rotate_90"), op("flip_vertical")], calls=4)]   # usage 4 - 2 = 2, spurious 0
     base = score_group(t, s, FIXED)[0]
     swept = score_group(t, s, dataclasses.replace(FIXED, alpha=0.5, gamma=0.25))[0]
-    assert base.components == swept.components
+    assert (base.terms, base.stats, base.correct) == (swept.terms, swept.stats, swept.correct)
     # mandatory 1, usage 2: alpha 1 -> 0.5 takes 0.5; gamma 0.5 -> 0.25 gives back 0.25 * 2
     assert swept.total - base.total == pytest.approx(-0.5 * 1 + 0.25 * 2)
 
@@ -193,14 +194,14 @@ def test_weights_scale_their_terms():
 def test_undecided_verdicts_are_decided_by_the_rules():
     t = task(answer="B", task_type="choice", choices=["cat", "dog"])
     out = score_group(t, [sample(None, answer="(B)"), sample(None, answer="cat"), sample(None, answer="")], FIXED)
-    assert [b.components["correct"] for b in out] == [1.0, 0.0, 0.0]
+    assert [b.correct for b in out] == [True, False, False]
 
 
 def test_judge_failure_is_flagged():
     failed = dataclasses.replace(sample(False), judge_failed=True)
     out = score_group(task(), [failed, sample(True)], FIXED)
     assert [b.judge_failed for b in out] == [True, False]
-    means = mean_components(out)
+    means = mean_breakdown(out)
     assert means["judge_failed"] == 0.5
     assert means["total"] == pytest.approx((0.1 + 1.1) / 2)
 

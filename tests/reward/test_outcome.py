@@ -84,14 +84,14 @@ def test_rotate_then_crop_reward_fixed_vs_reference():
     outcome = outcome_from_trajectory(_rotate_then_crop_trajectory(BOX_IN_ROTATED))
     (fixed,) = score_group(t, [outcome], RewardConfig())
     # fixed: IoU 1 in image 0's frame -> mandatory (1 + 1) / 2 = 1; exact 1 -> 1 + .1 + 1 + .1 = 2.2
-    assert fixed.components["iou"] == pytest.approx(1.0)
-    assert fixed.components["mandatory"] == pytest.approx(1.0)
+    assert fixed.stats["iou"] == pytest.approx(1.0)
+    assert fixed.terms["mandatory"] == pytest.approx(1.0)
     assert fixed.total == pytest.approx(2.2)
     (compat,) = score_group(t, [outcome], RewardConfig(reference_compat=True))
     # reference: raw box [20, 10, 60, 50] vs [150, 20, 190, 60] is disjoint -> IoU 0 ->
     # mandatory (1 + 0) / 2 = 0.5 (>= gate, acc kept) -> 1 + .1 + .5 + .1 = 1.7
-    assert compat.components["iou"] == 0.0
-    assert compat.components["mandatory"] == pytest.approx(0.5)
+    assert compat.stats["iou"] == 0.0
+    assert compat.terms["mandatory"] == pytest.approx(0.5)
     assert compat.total == pytest.approx(1.7)
 
 
@@ -104,12 +104,12 @@ def test_failed_and_unparsed_calls():
     t = task(required=["rotate_90", "crop"], answer_box=ANSWER_BOX, answer="red", task_type="ocr")
     (fixed,) = score_group(t, [outcome], RewardConfig())
     # fixed: the failed flip applied nothing -> exact holds; usage 4 - max(2, 2) = 2 -> 2.2 - 0.5 * 2 = 1.2
-    assert fixed.components["exact"] == 1.0
+    assert fixed.terms["exact"] == 1.0
     assert fixed.total == pytest.approx(1.2)
     (compat,) = score_group(t, [outcome], RewardConfig(reference_compat=True))
     # reference: the flip counts -> core used != required -> no exact; mandatory 0.5 (raw box) ->
     # 1 + .1 + .5 - .5 * 2 = 0.6
-    assert compat.components["exact"] == 0.0
+    assert compat.terms["exact"] == 0.0
     assert compat.total == pytest.approx(0.6)
 
 

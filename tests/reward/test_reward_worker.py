@@ -40,7 +40,7 @@ def test_reward_group_scores_groups_in_order_with_judge_and_math(ray_local, judg
     results, metrics = group.score(groups)
 
     verdicts = [[True, True, False], [True, True, False], [True, False]]
-    assert [[b.components["correct"] for b in r] for r in results] == [[float(v) for v in g] for g in verdicts]
+    assert [[b.correct for b in r] for r in results] == [[bool(v) for v in g] for g in verdicts]
     # the actors' totals equal the pure function's on the same verdicts
     for (t, trajs), breakdowns, group_verdicts in zip(groups, results, verdicts):
         outcomes = [dataclasses.replace(outcome_from_trajectory(tr), correct=v) for tr, v in zip(trajs, group_verdicts)]
@@ -69,7 +69,7 @@ def test_reward_worker_flags_a_failing_judge(ray_local, judge_server):
     t = task(answer="stop", task_type="ocr")
     breakdowns = ray_local.get(worker.score.remote(t, _trajectories(["STOP", "maybe stop"])))
     assert [b.judge_failed for b in breakdowns] == [False, True]
-    assert [b.components["correct"] for b in breakdowns] == [1.0, 0.0]
+    assert [b.correct for b in breakdowns] == [True, False]
     assert server.requests == 2  # one try and one retry, for the undecided answer only
     stats = ray_local.get(worker.stats.remote())
     assert stats["judge/failures"] == 1 and stats["verdict/judge/failed"] == 1

@@ -10,7 +10,7 @@ from rollout_testlib import noise_image
 
 from cv_ray.rollout.config import RolloutConfig
 from cv_ray.rollout.metrics import batch_metrics
-from cv_ray.rollout.worker import RolloutGroup, split_evenly
+from cv_ray.rollout.rollout_worker import RolloutGroup, split_evenly
 from cv_ray.types import Task, Trajectory
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cv_ray.sandbox import SandboxPool, protocol, worker
+from cv_ray.sandbox import SandboxPool, protocol, zygote_handle
 
 BUFFER_BYTES = 64 << 20
 
@@ -62,7 +62,7 @@ def test_scrub_refuses_a_buffer_holding_too_much_data(buffer):
     assert view[(3 << 20) - 1] == 7  # untouched: the caller drops such a buffer instead
 
 
-def _settle(zygote: worker.ZygoteProcess, timeout: float = 10.0) -> None:
+def _settle(zygote: zygote_handle.ZygoteProcess, timeout: float = 10.0) -> None:
     """Wait until every released child is reported dead (and its buffer recycled)."""
     deadline = time.monotonic() + timeout
     while zygote._awaiting_exit and time.monotonic() < deadline:
@@ -91,7 +91,7 @@ def test_pool_reuses_a_few_buffers_and_lends_them_zeroed():
 
 
 def test_pool_drops_buffers_holding_more_than_the_limit(monkeypatch):
-    monkeypatch.setattr(worker, "RECYCLE_MAX_DIRTY_BYTES", 1 << 20)
+    monkeypatch.setattr(zygote_handle, "RECYCLE_MAX_DIRTY_BYTES", 1 << 20)
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
     with SandboxPool(workers=1, timeout_s=10.0, memory_mb=1024) as pool:
         for _ in range(5):

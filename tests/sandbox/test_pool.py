@@ -162,16 +162,16 @@ def test_sessions_keep_variables_and_stay_isolated(photo):
 def test_missing_seccomp_is_refused_unless_degraded_is_allowed(tmp_path, monkeypatch, photo):
     # A real host without pyseccomp: the zygote's import of it fails.
     (tmp_path / "pyseccomp.py").write_text("raise ImportError('libseccomp is not installed on this host')\n")
-    from cv_ray.sandbox import worker
+    from cv_ray.sandbox import zygote_handle
 
-    real_env = worker.zygote_env
+    real_env = zygote_handle.zygote_env
 
     def env_without_seccomp() -> dict[str, str]:
         env = real_env()
         env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
         return env
 
-    monkeypatch.setattr(worker, "zygote_env", env_without_seccomp)
+    monkeypatch.setattr(zygote_handle, "zygote_env", env_without_seccomp)
     with pytest.raises(SandboxUnavailable, match="seccomp .*libseccomp is not installed.*allow_degraded"):
         SandboxPool(workers=1, timeout_s=2.0, memory_mb=512)
     with SandboxPool(workers=1, timeout_s=2.0, memory_mb=512, allow_degraded=True) as degraded:

@@ -1,6 +1,6 @@
 """One learner rank's work: the DeepSpeed policy engine, the reference model, and their steps.
 
-Plain Python (no Ray): :class:`cv_ray.learner.rank.LearnerRank` hosts one per actor after joining
+Plain Python (no Ray): :class:`cv_ray.learner.rank_actor.LearnerRank` hosts one per actor after joining
 the torch.distributed group. Every public method is collective under data parallelism: all ranks of
 the group call it together, each with its own shard of the data, and the shards must have the same
 number of sequences (so every rank runs the same number of forward passes; see
@@ -57,17 +57,18 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-class RankWorker:
+class RankTrainer:
     """Policy (DeepSpeed engine) + optional reference model on one rank of the learner group."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, rank: int, world_size: int, total_steps: int,
-                 seed: int) -> None:
+                 seed: int, temperature: float) -> None:
         import deepspeed
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from cv_ray.agent.chat import banned_token_ids
 
         self.cfg, self.rank, self.world_size, self.model_path = cfg, rank, world_size, str(model_path)
+        self.temperature = temperature
         use_cuda = cfg.gpus_per_rank > 0 and torch.cuda.is_available()
         if cfg.gpus_per_rank > 0 and not use_cuda:
             raise RuntimeError("learner.gpus_per_rank > 0 but this rank sees no CUDA device")
@@ -131,7 +132,7 @@ class RankWorker:
         # The vision tower to run on image-less micro-batches is that of the model being called
         # (a DeepSpeed engine wraps it in `.module`).
         touch = getattr(model, "module", model) if self.world_size > 1 else None
-        return sequence_logprobs(model, batch, self.cfg.temperature, self.banned_ids, touch_vision=touch)
+        return sequence_logprobs(model, batch, self.temperature, self.banned_ids, touch_vision=touch)
 
     def compute_logprobs(self, samples: Sequence[TrainSample], which: str) -> list[np.ndarray]:
         """Per-sample ``[T]`` float32 log-probs under the ``policy`` or the ``reference`` (no gradient)."""

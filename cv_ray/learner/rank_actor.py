@@ -1,8 +1,8 @@
-"""The Ray actor of one learner rank: joins the torch.distributed group, then hosts a RankWorker.
+"""The Ray actor of one learner rank: joins the torch.distributed group, then hosts a RankTrainer.
 
 A thin shell: it sets the environment that plain torch.distributed / DeepSpeed code reads
 (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), initialises the process
-group (NCCL on GPU, gloo on CPU) and forwards each call to :class:`cv_ray.learner.worker.RankWorker`.
+group (NCCL on GPU, gloo on CPU) and forwards each call to :class:`cv_ray.learner.rank_trainer.RankTrainer`.
 Ray gives each GPU rank its own ``CUDA_VISIBLE_DEVICES``, so every rank's device is ``cuda:0`` and
 ``LOCAL_RANK`` is 0. Created and driven only by :class:`cv_ray.learner.group.LearnerGroup`.
 """
@@ -22,7 +22,7 @@ from cv_ray.learner.config import LearnerConfig
 class LearnerRank:
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
-        self.worker = None
+        self.trainer = None
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port for the group's rendezvous (asked of rank 0)."""
@@ -32,8 +32,8 @@ class LearnerRank:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, master_addr: str, master_port: int, model_path: str, cfg: LearnerConfig, total_steps: int,
-              seed: int) -> None:
-        from cv_ray.learner.ops import use_venv_extension_cache
+              seed: int, temperature: float) -> None:
+        from cv_ray.learner.deepspeed_ops import use_venv_extension_cache
 
         use_venv_extension_cache()  # before DeepSpeed starts its backend (which loads its built op)
         import deepspeed
@@ -46,34 +46,34 @@ class LearnerRank:
             torch.cuda.set_device(0)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
-        from cv_ray.learner.worker import RankWorker
+        from cv_ray.learner.rank_trainer import RankTrainer
 
-        self.worker = RankWorker(model_path, cfg, self.rank, self.world_size, total_steps, seed)
+        self.trainer = RankTrainer(model_path, cfg, self.rank, self.world_size, total_steps, seed, temperature)
 
     def compute_logprobs(self, samples, which: str):
-        return self.worker.compute_logprobs(samples, which)
+        return self.trainer.compute_logprobs(samples, which)
 
     def sft_step(self, samples, denominator: float) -> dict[str, Any]:
-        return self.worker.sft_step(samples, denominator)
+        return self.trainer.sft_step(samples, denominator)
 
     def rl_update(self, samples, denominator: float) -> dict[str, Any]:
-        return self.worker.rl_update(samples, denominator)
+        return self.trainer.rl_update(samples, denominator)
 
     def gather_weights(self):
-        return self.worker.gather_weights()
+        return self.trainer.gather_weights()
 
     def save_checkpoint(self, directory: str, client_state: dict[str, Any]) -> None:
-        self.worker.save_checkpoint(directory, client_state)
+        self.trainer.save_checkpoint(directory, client_state)
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
-        return self.worker.load_checkpoint(directory)
+        return self.trainer.load_checkpoint(directory)
 
     def export_hf(self, directory: str):
-        return self.worker.export_hf(directory)
+        return self.trainer.export_hf(directory)
 
     def shutdown(self) -> None:
         import torch.distributed as dist
 
-        self.worker = None
+        self.trainer = None
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -6,7 +6,7 @@ about a minute on 2 cores, paid inside whichever run or test started the first l
 that cache by the op's name, not by the install it came from, so two virtualenvs on one machine (a
 checkout and a CI clone) rebuild it in turn each time the other one ran. So each virtualenv keeps its
 own cache (:func:`use_venv_extension_cache`, called before DeepSpeed is imported), and
-``tools/setup_env.sh`` builds the op there once (``python -m cv_ray.learner.ops``).
+``tools/setup_env.sh`` builds the op there once (``python -m cv_ray.learner.deepspeed_ops``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DeepSpeed's CPU op is built per virtualenv, at set-up time (cv_ray/learner/ops.py)."""
+"""DeepSpeed's CPU op is built per virtualenv, at set-up time (cv_ray/learner/deepspeed_ops.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cv_ray.learner.ops import use_venv_extension_cache
+from cv_ray.learner.deepspeed_ops import use_venv_extension_cache
 
 
 def test_extension_cache_is_the_virtualenvs_unless_the_user_set_one(monkeypatch):
@@ -21,4 +21,4 @@ def test_extension_cache_is_the_virtualenvs_unless_the_user_set_one(monkeypatch)
                     reason="this virtualenv was not made by tools/setup_env.sh")
 def test_setup_built_the_op_so_no_learner_start_compiles_it():
     built = list((Path(sys.prefix) / "torch_extensions").glob("deepspeed_shm_comm/*.so"))
-    assert built, "tools/setup_env.sh should have run `python -m cv_ray.learner.ops`"
+    assert built, "tools/setup_env.sh should have run `python -m cv_ray.learner.deepspeed_ops`"

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import ray
 
 from cv_ray.reward.config import RewardConfig
-from cv_ray.reward.dense import mean_components, score_group
+from cv_ray.reward.dense import mean_breakdown, score_group
 from cv_ray.reward.judge import JudgeClient
 from cv_ray.reward.outcome import SampleOutcome, outcome_from_trajectory
 from cv_ray.reward.verdicts import VerdictResolver
@@ -72,7 +72,7 @@ class RewardGroup:
         for worker_stats in ray.get([w.stats.remote() for w in self.workers]):
             for key, value in worker_stats.items():
                 totals[key] = totals.get(key, 0) + value
-        metrics = {f"reward/{k}": v for k, v in mean_components([b for r in results for b in r]).items()}
+        metrics = {f"reward/{k}": v for k, v in mean_breakdown([b for r in results for b in r]).items()}
         metrics.update({f"reward/{k}": float(v - self._last_stats.get(k, 0)) for k, v in totals.items()})
         self._last_stats = totals
         return results, metrics
