@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from cv_ray.actor_group import live_actors
 from cv_ray.config import Config, as_dict, to_yaml, validate_resources
 from cv_ray.learner.checkpoint import DataPosition
-from cv_ray.models import prepare_model
+from cv_ray.models import ModelRef, prepare_model
 from cv_ray.tracking import Tracker
 
 log = logging.getLogger("cv_ray.driver")
@@ -39,13 +40,17 @@ class RunContext:
     cfg: Config
     work_dir: Path
     base_model: Path
-    family: str
     tracker: Tracker
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:
         return Path(self.cfg.data.dir)
+
+    def model_ref(self, path: str | Path) -> ModelRef:
+        """``path`` with the run's image bounds (``model.min_pixels`` / ``max_pixels``): every group
+        processes images the same way (see :class:`cv_ray.models.ModelRef`)."""
+        return ModelRef(str(path), self.cfg.model.min_pixels, self.cfg.model.max_pixels)
 
     def latest_model(self) -> Path:
         """The newest trained model of this run (RL, then SFT), else the base model."""
@@ -111,13 +116,15 @@ def run(cfg: Config) -> float | None:
     validate_resources(cfg, resources)
 
     tracker = Tracker(cfg.logger, work_dir, run_name=work_dir.name, config=as_dict(cfg))
-    ctx = RunContext(cfg, work_dir, base_model, family, tracker)
+    ctx = RunContext(cfg, work_dir, base_model, tracker)
     stages = PIPELINE if cfg.trainer.stage == "pipeline" else (cfg.trainer.stage,)
     try:
         for stage in stages:
             t0 = time.perf_counter()
             ctx.summary[stage] = STAGES[stage](ctx)
             ctx.summary[stage]["wall_s"] = time.perf_counter() - t0
+            # Every stage ends the actors it started; what is left would hold CPUs, GPUs and memory.
+            ctx.summary[stage]["live_actors_after"] = len(live_actors())
             log.info("stage %s done in %.1f s", stage, ctx.summary[stage]["wall_s"])
             _write_summary(ctx)
     finally:
@@ -151,6 +158,7 @@ def _print_where(ctx: RunContext) -> None:
 
 def stage_data(ctx: RunContext) -> dict[str, Any]:
     """Generate RL tasks, SFT trajectories (executed in the sandbox) and benchmark suites."""
+    from cv_ray.agent.prompts import SYSTEM_PROMPT
     from cv_ray.data.build import build_dataset
     from cv_ray.sandbox import SandboxPool
 
@@ -159,7 +167,8 @@ def stage_data(ctx: RunContext) -> dict[str, Any]:
         log.info("data: %s already built (delete it to rebuild)", ctx.data_dir)
         return {"dir": str(ctx.data_dir), "reused": True}
     with SandboxPool.from_config(ctx.cfg.sandbox) as pool:
-        manifest = build_dataset(ctx.cfg.data, ctx.data_dir, pool, sandbox_threads=ctx.cfg.sandbox.workers_per_executor)
+        manifest = build_dataset(ctx.cfg.data, ctx.data_dir, pool, sandbox_threads=ctx.cfg.sandbox.workers_per_executor,
+                                 system_prompt=ctx.cfg.rollout.system_prompt or SYSTEM_PROMPT)
     return {"dir": str(ctx.data_dir), "counts": manifest.get("counts", {})}
 
 
@@ -189,8 +198,6 @@ def _warn_on_other_system_prompts(examples: list, system_prompt: str) -> int:
 
 def stage_sft(ctx: RunContext) -> dict[str, Any]:
     """Masked next-token training on the SFT trajectories; exports `sft_model/`."""
-    from transformers import AutoProcessor
-
     from cv_ray.agent.chat import codec_from_config
     from cv_ray.data.records import read_sft
     from cv_ray.learner.batch import sft_sample
@@ -199,7 +206,8 @@ def stage_sft(ctx: RunContext) -> dict[str, Any]:
     _ensure_data(ctx)
     cfg, sched = ctx.cfg, ctx.cfg.trainer.sft
     files = [ctx.data_dir / "sft.jsonl", *map(Path, cfg.data.sft_files)]
-    processor = AutoProcessor.from_pretrained(ctx.base_model)
+    model = ctx.model_ref(ctx.base_model)
+    processor = model.load_processor()
     codec = codec_from_config(processor, cfg.rollout)
     examples = [example for path in files for example in read_sft(path)]
     _warn_on_other_system_prompts(examples, codec.system_prompt)
@@ -208,27 +216,22 @@ def stage_sft(ctx: RunContext) -> dict[str, Any]:
     steps = sched.max_steps or max(1, math.ceil(sched.epochs * len(samples) / sched.batch_size))
     log.info("sft: %d conversations, %d steps of %d", len(samples), steps, sched.batch_size)
 
-    learner = LearnerGroup(ctx.base_model, replace(cfg.learner, lr=sched.lr), total_steps=steps, seed=cfg.trainer.seed,
-                           temperature=cfg.rollout.temperature)
     metrics: dict[str, float] = {}
-    try:
+    with LearnerGroup(model, replace(cfg.learner, lr=sched.lr), total_steps=steps, seed=cfg.trainer.seed,
+                      temperature=cfg.rollout.temperature) as learner:
         for step in _progress(range(steps), "sft"):
             t0 = time.perf_counter()
             metrics = learner.sft_step([samples[i] for i in sampler.next()])
             metrics["time/step_s"] = time.perf_counter() - t0
             ctx.tracker.log(metrics, step=step, stage="sft")
         out = learner.export_hf(ctx.work_dir / "sft_model")
-    finally:
-        learner.shutdown()
     return {"model": str(out), "steps": steps, "final": {k: v for k, v in metrics.items() if k == "sft/loss"}}
 
 
 def stage_rl(ctx: RunContext) -> dict[str, Any]:
     """GRPO from the SFT model (or the base model): the RL loop with evaluation and checkpoints."""
+    from cv_ray.episode_groups import EpisodeGroups
     from cv_ray.learner.group import LearnerGroup
-    from cv_ray.reward import RewardGroup
-    from cv_ray.rollout.rollout_worker import RolloutGroup
-    from cv_ray.sandbox import SandboxGroup
 
     _ensure_data(ctx)
     cfg = ctx.cfg
@@ -240,40 +243,36 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
     log.info("rl: policy %s, %d tasks, %d steps x %d tasks x %d samples", policy, len(tasks), cfg.trainer.rl.steps,
              cfg.trainer.rl.batch_size, cfg.rollout.n_samples)
 
-    sandbox = SandboxGroup(cfg.sandbox)
-    rollout = RolloutGroup(str(policy), cfg.rollout, sandbox)
-    reward = RewardGroup(cfg.reward)
-    learner = LearnerGroup(policy, cfg.learner, total_steps=cfg.trainer.rl.steps * updates_per_step,
-                           seed=cfg.trainer.seed, temperature=cfg.rollout.temperature)
+    model = ctx.model_ref(policy)
     sampler = BatchSampler(len(tasks), cfg.trainer.rl.batch_size, seed=cfg.trainer.seed)
     start_step, history = 0, []
-    try:
+    metrics: dict[str, float] = {}
+    with EpisodeGroups.start(model, cfg.rollout, cfg.sandbox, cfg.reward) as groups, \
+            LearnerGroup(model, cfg.learner, total_steps=cfg.trainer.rl.steps * updates_per_step,
+                         seed=cfg.trainer.seed, temperature=cfg.rollout.temperature) as learner:
         resumed = _resume(ctx, learner)
         if resumed is not None:
             start_step, history = resumed["step"], resumed["history"]
             sampler.position = DataPosition(**resumed["data_position"])
-            learner.push_weights(rollout.workers)  # the rollout engines still hold the pre-checkpoint weights
-        metrics: dict[str, float] = {}
+            groups.rollout.update_weights(learner.gather_weights())  # the engines still hold the pre-checkpoint weights
         for step in _progress(range(start_step, cfg.trainer.rl.steps), "rl", initial=start_step,
                               total=cfg.trainer.rl.steps):
             batch = [tasks[i] for i in sampler.next()]
-            metrics = rl_step(ctx, step, batch, rollout, reward, learner)
+            metrics = rl_step(ctx, step, batch, groups, learner)
             if _due(step, cfg.trainer.eval_every, cfg.trainer.rl.steps) and val_tasks:
-                metrics.update(validation_rollouts(ctx, step, val_tasks, rollout, reward))
+                metrics.update(validation_rollouts(ctx, val_tasks, groups))
             history.append({k: v for k, v in metrics.items() if k in ("reward/total", "reward/correct", "eval/accuracy")})
             ctx.tracker.log(metrics, step=step, stage="rl")
             if _due(step, cfg.trainer.save_every, cfg.trainer.rl.steps):
                 _save(ctx, learner, step + 1, sampler.position, history)
         out = learner.export_hf(ctx.work_dir / "rl_model")
-    finally:
-        for group in (learner, rollout, sandbox):
-            group.shutdown()
     final = {k: v for k, v in metrics.items() if k.startswith(("reward/total", "eval/"))}
     return {"model": str(out), "steps": cfg.trainer.rl.steps, "history": history, "final": final}
 
 
-def rl_step(ctx: RunContext, step: int, tasks: list, rollout, reward, learner) -> dict[str, float]:
+def rl_step(ctx: RunContext, step: int, tasks: list, groups, learner) -> dict[str, float]:
     """One GRPO step as numbered, timed phases. Returns every metric of the step."""
+    from cv_ray.episode_groups import group_by_task
     from cv_ray.learner.advantages import compute_advantages
     from cv_ray.learner.batch import rl_sample
     from cv_ray.viewer import ViewerSample
@@ -282,35 +281,37 @@ def rl_step(ctx: RunContext, step: int, tasks: list, rollout, reward, learner) -
     timer = PhaseTimer()
     with timer("step"):
         with timer("rollout"):  # 1. sample n trajectories per task (agent loops with sandboxed tools)
-            trajectories, rollout_metrics = rollout.rollout(tasks, cfg.rollout.n_samples)
+            trajectories, rollout_metrics = groups.rollout.rollout(tasks, cfg.rollout.n_samples)
         with timer("reward"):  # 2. dense process reward per GRPO group
-            groups = _group(tasks, trajectories)
-            breakdowns, reward_metrics = reward.score(groups)
+            by_task = group_by_task(tasks, trajectories)
+            breakdowns, reward_metrics = groups.reward.score(by_task)
         with timer("advantage"):  # 3. group-normalized advantages
-            flat = [(traj, b) for (_, trajs), bs in zip(groups, breakdowns) for traj, b in zip(trajs, bs)]
+            flat = [(traj, b) for (_, trajs), bs in zip(by_task, breakdowns) for traj, b in zip(trajs, bs)]
             advantages, adv_metrics = compute_advantages(
                 cfg.trainer.rl.advantage, [b.total for _, b in flat], [t.uid for t, _ in flat],
                 std_norm=cfg.trainer.rl.adv_std_norm)
         with timer("update"):  # 4. policy update (clipped loss + KL to the reference)
             learner_metrics = learner.rl_step([rl_sample(t, a) for (t, _), a in zip(flat, advantages)])
-        with timer("weight_push"):  # 5. new weights to every rollout engine
-            push_metrics = learner.push_weights(rollout.workers)
+        with timer("weight_push"):  # 5. new weights to every rollout engine (gathered once, read by all)
+            with timer("weight_gather"):
+                weights = learner.gather_weights()
+            with timer("weight_load"):
+                groups.rollout.update_weights(weights)
     # 6. log (the caller writes the metrics; samples go to the viewer now)
     shown = flat[: ctx.cfg.logger.samples_per_step]
     task_of = {t.uid: t for t in tasks}
     ctx.tracker.log_samples([ViewerSample.from_rollout(task_of[t.uid], t, b) for t, b in shown], step=step)
     return {**rollout_metrics, **reward_metrics, **adv_metrics, **_prefixed("learner", learner_metrics),
-            **_prefixed("push", push_metrics), **timer.seconds}
+            **timer.seconds}
 
 
-def validation_rollouts(ctx: RunContext, step: int, val_tasks: list, rollout, reward) -> dict[str, float]:
+def validation_rollouts(ctx: RunContext, val_tasks: list, groups) -> dict[str, float]:
     """Greedy rollouts on the validation tasks: accuracy and mean reward (`eval/*`)."""
-    trajectories, _ = rollout.rollout(val_tasks, 1, temperature=ctx.cfg.eval.temperature)
-    breakdowns, _ = reward.score(_group(val_tasks, trajectories))
-    flat = [b for bs in breakdowns for b in bs]
-    return {"eval/accuracy": float(np.mean([b.correct for b in flat])),
-            "eval/reward": float(np.mean([b.total for b in flat])),
-            "eval/tool_use_rate": float(np.mean([len(t.tool_calls) > 0 for t in trajectories]))}
+    scored = groups.play(val_tasks, 1, temperature=ctx.cfg.eval.temperature)
+    episodes = scored.triples()
+    return {"eval/accuracy": float(np.mean([b.correct for _, _, b in episodes])),
+            "eval/reward": float(np.mean([b.total for _, _, b in episodes])),
+            "eval/tool_use_rate": float(np.mean([len(t.tool_calls) > 0 for _, t, _ in episodes]))}
 
 
 def stage_eval(ctx: RunContext) -> dict[str, Any]:
@@ -319,7 +320,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
 
     _ensure_data(ctx)
     model = Path(ctx.cfg.eval.model) if ctx.cfg.eval.model else ctx.latest_model()
-    summaries, paths = evaluate(model, ctx.cfg, ctx.data_dir, ctx.work_dir / "eval")
+    summaries, paths = evaluate(ctx.model_ref(model), ctx.cfg, ctx.data_dir, ctx.work_dir / "eval")
     with_tools = summaries.get("with_tools", {})
     final = {"eval/accuracy": with_tools.get("accuracy")}
     if "without_tools" in summaries:
@@ -331,14 +332,6 @@ STAGES = {"data": stage_data, "sft": stage_sft, "rl": stage_rl, "eval": stage_ev
 
 
 # --------------------------------------------------------------------------------------- helpers
-
-
-def _group(tasks: list, trajectories: list) -> list[tuple[Any, list]]:
-    """(task, its samples) per task, in task order; trajectories arrive grouped by task."""
-    by_uid: dict[str, list] = {}
-    for traj in trajectories:
-        by_uid.setdefault(traj.uid, []).append(traj)
-    return [(task, by_uid.get(task.uid, [])) for task in tasks]
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -69,6 +69,9 @@ def test_pipeline_writes_metrics_with_every_reward_component(pipeline_run):
     assert "eval/accuracy" in rl[-1]
     summary = json.loads((pipeline_run / "summary.json").read_text())
     assert set(summary) >= {"data", "sft", "rl", "eval", "final"}
+    # No actor outlives its stage (mutant: the RL stage leaves its reward workers or learner ranks up).
+    assert {stage: summary[stage]["live_actors_after"] for stage in ("data", "sft", "rl", "eval")} == \
+        {"data": 0, "sft": 0, "rl": 0, "eval": 0}
     assert (pipeline_run / "eval" / "report.md").exists()
     assert (pipeline_run / "viewer" / "index.html").exists()
 

@@ -73,4 +73,9 @@ def test_shortened_demo_sft_teaches_the_task_and_rl_raises_the_reward(tmp_path):
     trained = float(np.median(reward[-3:]))
     assert trained > reward[0] + 0.35, f"reward did not rise: {[round(r, 2) for r in reward]}"
     assert (tmp_path / "short" / "rl_model" / "model.safetensors").exists()
+    # No actor outlives its phase (mutant: an SFT or RL stage that leaves its learner ranks or rollout
+    # workers running): after SFT and RL only the held-out evaluator's actors are alive, then none.
+    evaluator = metrics["evaluator_actors"]
+    assert evaluator == 4  # 2 sandbox executors, 1 rollout worker, 1 reward worker
+    assert metrics["live_actors_after"] == {"sft": evaluator, "rl": evaluator, "evaluations": evaluator, "end": 0}
     assert (tmp_path / "short" / "learning_curve.png").stat().st_size > 10_000

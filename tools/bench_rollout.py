@@ -35,12 +35,11 @@ import torch
 from PIL import Image
 
 from cv_ray.agent.chat import ChatCodec
-from cv_ray.agent.loop import AgentLoop
+from cv_ray.agent.generation import GenerationRequest, SamplingParams
+from cv_ray.agent.loop import AgentLoop, LoopSettings
 from cv_ray.agent.tool_format import format_tool_call
 from cv_ray.agent.tool_runner import LocalToolRunner
 from cv_ray.models.tiny import ensure_tiny_model
-from cv_ray.rollout.config import RolloutConfig
-from cv_ray.rollout.engine import GenerationRequest, SamplingParams
 from cv_ray.rollout.hf_engine import HFEngine
 from cv_ray.rollout.metrics import batch_metrics
 from cv_ray.rollout.scripted_engine import ScriptedEngine
@@ -118,8 +117,8 @@ def main() -> None:
     from transformers import AutoProcessor
 
     codec = ChatCodec(AutoProcessor.from_pretrained(model_dir))
-    cfg = RolloutConfig(max_turns=len(SCRIPT), max_new_tokens_per_turn=256,
-                        max_concurrent_trajectories=args.trajectories)
+    cfg = LoopSettings(max_turns=len(SCRIPT), max_new_tokens_per_turn=256,
+                       max_concurrent_trajectories=args.trajectories)
     tasks = make_tasks(args.trajectories, args.image_size)
     latency = args.ms_per_token / 1000.0
 

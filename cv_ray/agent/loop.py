@@ -23,21 +23,42 @@ import inspect
 import time
 import uuid
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image
 
 from cv_ray.agent.chat import ChatCodec
+from cv_ray.agent.generation import Engine, GenerationRequest, SamplingParams
 from cv_ray.agent.model_images import resize_for_model
 from cv_ray.agent.prompts import NO_TOOL_SYSTEM_PROMPT
 from cv_ray.agent.tool_format import tool_error_content, tool_response_content
 from cv_ray.agent.tool_parser import parse_tool_calls
 from cv_ray.agent.tool_runner import ToolRunner
 from cv_ray.geometry import compose, identity
-from cv_ray.rollout.config import RolloutConfig
-from cv_ray.rollout.engine import Engine, GenerationRequest, SamplingParams
 from cv_ray.types import Task, ToolCallRecord, Trajectory
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the agent loop reads of the rollout config (``RolloutConfig.loop_settings()`` builds it)."""
+
+    max_turns: int = 12
+    """Assistant turns per episode."""
+    max_new_tokens_per_turn: int = 1024
+    """Sampled tokens per assistant turn."""
+    max_response_tokens: int = 16384
+    """Token budget of a whole episode's response (sampled + tool tokens)."""
+    temperature: float = 1.0
+    """Sampling temperature unless a call overrides it (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1: off)."""
+    max_concurrent_trajectories: int = 64
+    """Episodes in flight at once in one ``run_many``."""
+    tool_image_min_pixels: int = 28 * 28 * 4
+    """Lower pixel bound of tool images as the model sees them."""
+    tool_image_max_pixels: int = 1024 * 28 * 28
+    """Upper pixel bound of tool images as the model sees them (originals are kept)."""
 
 
 def _text_only(content: Any) -> str:
@@ -108,7 +129,7 @@ class _Episode:
 class AgentLoop:
     """Runs episodes; ``use_tools=False`` runs tool-free ones (no schema in the prompt, one turn)."""
 
-    def __init__(self, engine: Engine, codec: ChatCodec, tools: ToolRunner, cfg: RolloutConfig):
+    def __init__(self, engine: Engine, codec: ChatCodec, tools: ToolRunner, cfg: LoopSettings):
         self.engine = engine
         self.codec = codec
         self.plain_codec = ChatCodec(codec.processor, system_prompt=NO_TOOL_SYSTEM_PROMPT, tools=())

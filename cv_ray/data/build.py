@@ -23,6 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cv_ray.agent.prompts import SYSTEM_PROMPT
 from cv_ray.data.compat import sharegpt_from_jsonl
 from cv_ray.data.config import DataConfig
 from cv_ray.data.families import FAMILIES, generate_task, generate_tasks
@@ -38,15 +39,16 @@ def _progress(items: Iterator[Task], total: int, desc: str) -> Iterator[Task]:
     return tqdm(items, total=total, desc=desc, unit="task", leave=False)
 
 
-def _sft_examples(cfg: DataConfig, sandbox: Sandbox, threads: int, counts: dict[str, Counter]
-                  ) -> Iterator[SFTExample]:
+def _sft_examples(cfg: DataConfig, sandbox: Sandbox, threads: int, counts: dict[str, Counter],
+                  system_prompt: str) -> Iterator[SFTExample]:
     """Trajectories for tasks of split ``sft`` (independent of the RL tasks), in index order."""
     families = list(cfg.families)
 
     def make(index: int) -> tuple[SFTExample, dict]:
         task = generate_task(families[index % len(families)], cfg.seed, index // len(families), cfg.image_size, "sft")
         rng = example_rng(cfg.seed, index)
-        return generate_example(task, sandbox, rng, choose_kind(task, rng, cfg.sft_error_rate))
+        return generate_example(task, sandbox, rng, choose_kind(task, rng, cfg.sft_error_rate),
+                                system_prompt=system_prompt)
 
     with ThreadPoolExecutor(max_workers=threads) as executor:
         # map keeps the order, so the output is the same whatever the thread count.
@@ -58,11 +60,13 @@ def _sft_examples(cfg: DataConfig, sandbox: Sandbox, threads: int, counts: dict[
             yield example
 
 
-def build_dataset(cfg: DataConfig, out_dir: Path, sandbox_pool: Sandbox, sandbox_threads: int = 2) -> dict[str, Any]:
+def build_dataset(cfg: DataConfig, out_dir: Path, sandbox_pool: Sandbox, sandbox_threads: int = 2,
+                  system_prompt: str = SYSTEM_PROMPT) -> dict[str, Any]:
     """Generate every part into ``out_dir`` and return the manifest (also written as manifest.json).
 
     ``sandbox_threads``: trajectories generated concurrently (each runs its calls in order); match the
-    pool's worker count.
+    pool's worker count. ``system_prompt``: the system message of every SFT conversation; pass the
+    rollout's (``rollout.system_prompt``) so that SFT teaches the prompt RL samples under.
     """
     cfg.validate()
     out_dir = Path(out_dir)
@@ -82,7 +86,8 @@ def build_dataset(cfg: DataConfig, out_dir: Path, sandbox_pool: Sandbox, sandbox
 
     start = time.perf_counter()
     sft_counts: dict[str, Counter] = {"kinds": Counter(), "tool_errors": Counter(), "totals": Counter()}
-    examples = tqdm(_sft_examples(cfg, sandbox_pool, sandbox_threads, sft_counts), total=cfg.num_sft_trajectories,
+    examples = tqdm(_sft_examples(cfg, sandbox_pool, sandbox_threads, sft_counts, system_prompt),
+                    total=cfg.num_sft_trajectories,
                     desc="sft", unit="trajectory", leave=False)
     n_sft = write_sft(examples, out_dir / "sft.jsonl")
     n_sharegpt = sharegpt_from_jsonl(out_dir / "sft.jsonl", out_dir / "sft_sharegpt.json")

@@ -297,12 +297,13 @@ def choose_kind(task: Task, rng: np.random.Generator, error_rate: float) -> str:
 
 
 def generate_example(task: Task, sandbox: Sandbox, rng: np.random.Generator, kind: str,
-                     error_kind: str | None = None) -> tuple[SFTExample, dict]:
+                     error_kind: str | None = None, system_prompt: str = SYSTEM_PROMPT) -> tuple[SFTExample, dict]:
     """One correct trajectory of ``kind`` for ``task``; returns it and its counts (ops, errors).
 
     ``error_kind`` (error-recovery only): one of ``ERROR_KINDS`` that fits the first call; random if None.
+    ``system_prompt``: the episode's system message (the rollout's, so SFT teaches what RL samples under).
     """
-    recorder = Recorder(task, sandbox)
+    recorder = Recorder(task, sandbox, system_prompt=system_prompt)
     calls = plan_calls(task, rng, compose=kind == "multi_tool" and rng.random() < 0.3)
     if kind == "no_tool":
         if calls:

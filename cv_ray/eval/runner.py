@@ -20,6 +20,7 @@ from cv_ray.config import Config
 from cv_ray.eval.metrics import EvalRecord, summarize
 from cv_ray.eval.report import write_report
 from cv_ray.geometry import iou
+from cv_ray.models import ModelRef
 from cv_ray.types import RewardBreakdown, Task, Trajectory
 
 log = logging.getLogger("cv_ray.eval")
@@ -62,41 +63,32 @@ def eval_record(task: Task, traj: Trajectory, breakdown: RewardBreakdown, suite:
     )
 
 
-def evaluate(model_dir: Path, cfg: Config, data_dir: Path, out_dir: Path) -> tuple[dict[str, dict], dict[str, Path]]:
-    """Run every suite in both modes and write the report. Returns (summaries per mode, report paths)."""
-    from cv_ray.reward import RewardGroup
-    from cv_ray.rollout.rollout_worker import RolloutGroup
-    from cv_ray.sandbox import SandboxGroup
+def evaluate(model: ModelRef | Path, cfg: Config, data_dir: Path, out_dir: Path
+             ) -> tuple[dict[str, dict], dict[str, Path]]:
+    """Run every suite in both modes and write the report. Returns (summaries per mode, report paths).
 
+    ``model``: a :class:`~cv_ray.models.ModelRef` (the run's image bounds), or a bare model directory.
+    """
+    from cv_ray.episode_groups import EpisodeGroups
+
+    model = ModelRef.of(model)
     suites = [load_suite(name, data_dir, cfg.data.seed, cfg.data.suite_size, cfg.data.image_size)
               for name in cfg.eval.suites]
     tasks = [(suite, task) for suite, suite_tasks in suites for task in suite_tasks]
     if not tasks:
         raise ValueError(f"eval.suites={cfg.eval.suites} hold no tasks")
     modes = [m for m, on in (("with_tools", cfg.eval.with_tools), ("without_tools", cfg.eval.without_tools)) if on]
-    log.info("eval: %s on %d tasks (%s), modes %s", model_dir, len(tasks), ", ".join(s for s, _ in suites), modes)
+    log.info("eval: %s on %d tasks (%s), modes %s", model.path, len(tasks), ", ".join(s for s, _ in suites), modes)
 
-    sandbox = SandboxGroup(cfg.sandbox)
-    rollout = RolloutGroup(str(model_dir), replace(cfg.rollout, temperature=cfg.eval.temperature), sandbox)
-    reward = RewardGroup(cfg.reward)
     summaries: dict[str, dict[str, Any]] = {}
-    try:
+    suite_of = {task.uid: suite for suite, task in tasks}
+    rollout_cfg = replace(cfg.rollout, temperature=cfg.eval.temperature)
+    with EpisodeGroups.start(model, rollout_cfg, cfg.sandbox, cfg.reward) as groups:
         for mode in modes:
             use_tools = mode == "with_tools"
-            plain = [task for _, task in tasks]
-            trajectories, _ = rollout.rollout(plain, cfg.eval.n_samples, use_tools=use_tools)
-            by_uid: dict[str, list[Trajectory]] = {}
-            for traj in trajectories:
-                by_uid.setdefault(traj.uid, []).append(traj)
-            groups = [(task, by_uid[task.uid]) for task in plain]
-            breakdowns, _ = reward.score(groups)
-            records = [eval_record(task, traj, b, suite, use_tools)
-                       for (suite, task), (_, trajs), bs in zip(tasks, groups, breakdowns)
-                       for traj, b in zip(trajs, bs)]
+            scored = groups.play([task for _, task in tasks], cfg.eval.n_samples, use_tools=use_tools)
+            records = [eval_record(task, traj, b, suite_of[task.uid], use_tools) for task, traj, b in scored.triples()]
             summaries[mode] = summarize(records)
             log.info("eval %s: accuracy %.3f", mode, summaries[mode]["accuracy"])
-    finally:
-        for group in (rollout, sandbox):
-            group.shutdown()
-    paths = write_report(out_dir, summaries, title=f"cv_ray evaluation of {Path(model_dir).name}")
+    paths = write_report(out_dir, summaries, title=f"cv_ray evaluation of {Path(model.path).name}")
     return summaries, paths

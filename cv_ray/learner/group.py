@@ -2,15 +2,13 @@
 
 The driver calls, in a run::
 
-    group = LearnerGroup(model_path, cfg.learner, total_steps=optimizer_steps, seed=cfg.trainer.seed,
-                         temperature=cfg.rollout.temperature)
-    metrics = group.sft_step(samples)             # SFT: one optimizer step on these sequences
-    metrics = group.rl_step(samples)              # RL: ppo_epochs x mini-batches of optimizer steps
-    ref = group.gather_weights()                  # ObjectRef of {hf_name: tensor}; or:
-    timings = group.push_weights(rollout_workers) # gather + worker.update_weights.remote(ref) on each
-    group.save_checkpoint(path, {"data": DataPosition(...), ...}); client_state = group.load_checkpoint(path)
-    group.export_hf(path)                         # a from_pretrained-loadable model directory
-    group.shutdown()
+    with LearnerGroup(model, cfg.learner, total_steps=optimizer_steps, seed=cfg.trainer.seed,
+                      temperature=cfg.rollout.temperature) as group:   # model: a ModelRef or a directory
+        metrics = group.sft_step(samples)                  # SFT: one optimizer step on these sequences
+        metrics = group.rl_step(samples)                   # RL: ppo_epochs x mini-batches of optimizer steps
+        rollout.update_weights(group.gather_weights())     # ObjectRef of {hf_name: tensor}, gathered once
+        group.save_checkpoint(path, {"data": DataPosition(...), ...}); client_state = group.load_checkpoint(path)
+        group.export_hf(path)                              # a from_pretrained-loadable model directory
 
 Samples are :class:`cv_ray.learner.batch.TrainSample` (``rl_sample`` / ``sft_sample`` build them).
 The group splits every optimizer step's sequences evenly over the ranks (padding with zero-mask
@@ -26,42 +24,57 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
+from cv_ray.actor_group import ActorGroup, GroupShell
 from cv_ray.learner.batch import TrainSample
 from cv_ray.learner.config import LearnerConfig
 from cv_ray.learner.losses import AGGREGATIONS, TokenMean
 from cv_ray.learner.rank_actor import LearnerRank
+from cv_ray.models import ModelRef
 
 log = logging.getLogger(__name__)
 
 _LEARNER_KEY = "_learner"
 
 
-class LearnerGroup:
-    def __init__(self, model_path: str | Path, cfg: LearnerConfig, total_steps: int = 0, seed: int = 0,
+class LearnerGroup(GroupShell):
+    def __init__(self, model: ModelRef | str | Path, cfg: LearnerConfig, total_steps: int = 0, seed: int = 0,
                  temperature: float = 1.0) -> None:
         """Start ``cfg.num_ranks`` rank actors and build the policy (and reference) engines on them.
 
         ``total_steps``: optimizer steps the LR schedule spans (0: warm-up-free constant rate, cosine
         never decays). ``seed``: model-side RNG and the RL mini-batch shuffles. ``temperature``: the
         one the rollout samples at; tokens are scored under it (importance ratio 1 on-policy).
+        ``model``: a :class:`~cv_ray.models.ModelRef` (directory and image bounds), or a bare directory.
         """
         cfg.validate()
         self.cfg, self.seed, self.global_step = cfg, seed, 0
         world = cfg.num_ranks
-        options = {"num_cpus": cfg.cpus_per_rank, "num_gpus": cfg.gpus_per_rank}
-        self.ranks = [LearnerRank.options(**options).remote(r, world) for r in range(world)]
-        addr, port = ray.get(self.ranks[0].rendezvous_address.remote())
-        start = time.perf_counter()
-        ray.get([r.setup.remote(addr, port, str(model_path), cfg, total_steps, seed, temperature)
-                 for r in self.ranks])
+        self.actors = ActorGroup(LearnerRank, world, name="learner ranks",
+                                 options=lambda r: {"num_cpus": cfg.cpus_per_rank, "num_gpus": cfg.gpus_per_rank},
+                                 on_shutdown=lambda rank: rank.shutdown.remote())
+        try:
+            addr, port = ray.get(self.ranks[0].rendezvous_address.remote())
+            start = time.perf_counter()
+            model = ModelRef.of(model)
+            self.actors.get(self.actors.zip(
+                lambda rank, index: rank.setup.remote(index, world, addr, port, model, cfg, total_steps, seed,
+                                                      temperature), range(world)))
+        except BaseException:
+            self.actors.shutdown()
+            raise
         log.info("learner group up: %d rank(s), ZeRO-%d, %.1fs", world, cfg.zero_stage, time.perf_counter() - start)
+
+    @property
+    def ranks(self) -> list:
+        """The rank actors, rank 0 first."""
+        return self.actors.actors
 
     # ------------------------------------------------------------------------------- data split
 
@@ -98,11 +111,13 @@ class LearnerGroup:
                                      "(learner.freeze_vision=false): give every sequence an image, set "
                                      "learner.freeze_vision=true, or use learner.zero_stage <= 2")
 
-    def _run_update(self, method: str, samples: Sequence[TrainSample], denominator: float) -> dict[str, float]:
+    def _run_update(self, update: Callable[[Any, list[TrainSample]], Any], samples: Sequence[TrainSample]
+                    ) -> dict[str, float]:
+        """One optimizer step: ``update(rank, shard)`` (an actor call) on every rank with its shard."""
         shards = self._shard(samples)
         self._check_trainable_vision(shards)
         start = time.perf_counter()
-        results = ray.get([getattr(rank, method).remote(shard, denominator) for rank, shard in zip(self.ranks, shards)])
+        results = self.actors.get(self.actors.zip(update, shards))
         seconds = time.perf_counter() - start
         self.global_step += 1
         merged: dict[str, float] = {}
@@ -127,7 +142,8 @@ class LearnerGroup:
         denominator = sum(TokenMean().count(_mask(s)) for s in samples)
         if denominator == 0:
             raise ValueError("sft_step: no trained tokens in the batch (every loss_mask is 0)")
-        return {f"sft/{k}": v for k, v in self._run_update("sft_step", samples, denominator).items()}
+        metrics = self._run_update(lambda rank, shard: rank.sft_step.remote(shard, denominator), samples)
+        return {f"sft/{k}": v for k, v in metrics.items()}
 
     def rl_step(self, samples: Sequence[TrainSample]) -> dict[str, float]:
         """``ppo_epochs`` passes over ``samples``, each split into shuffled mini-batches of ``mini_batch_size``.
@@ -164,7 +180,9 @@ class LearnerGroup:
                 if denominator == 0:
                     metrics["skipped_empty_minibatches"] = metrics.get("skipped_empty_minibatches", 0.0) + 1
                     continue
-                for key, value in self._run_update("rl_update", batch, denominator).items():
+                metrics_of_update = self._run_update(
+                    lambda rank, shard, d=denominator: rank.rl_update.remote(shard, d), batch)
+                for key, value in metrics_of_update.items():
                     totals[key] = totals.get(key, 0.0) + value
                 done += 1
         metrics.update({k: v / max(1, done) for k, v in totals.items()})
@@ -174,50 +192,41 @@ class LearnerGroup:
     def compute_logprobs(self, samples: Sequence[TrainSample], which: str = "policy") -> list[np.ndarray]:
         """Per-sample ``[T]`` log-probs under ``policy`` or ``reference`` (no update), in sample order."""
         shards = self._shard(samples)
-        per_rank = ray.get([rank.compute_logprobs.remote(shard, which) for rank, shard in zip(self.ranks, shards)])
+        per_rank = self.actors.get(self.actors.zip(lambda rank, shard: rank.compute_logprobs.remote(shard, which),
+                                                   shards))
         return [lp for shard in per_rank for lp in shard][: len(samples)]
 
     # -------------------------------------------------------------------------------- weights
 
     def gather_weights(self) -> ray.ObjectRef:
-        """An ObjectRef of ``{hf_param_name: full CPU tensor}`` (gathered per bucket under ZeRO-3)."""
-        refs = [rank.gather_weights.remote() for rank in self.ranks]
+        """An ObjectRef of ``{hf_param_name: full CPU tensor}`` (gathered per bucket under ZeRO-3), in
+        Ray's object store once, for ``RolloutGroup.update_weights``. Returns when the gather is done."""
+        refs = self.actors.each(lambda rank: rank.gather_weights.remote())
         ray.get(refs[1:])  # the other ranks return None once their part of the collective is done
+        ray.wait(refs[:1], fetch_local=False)
         return refs[0]
-
-    def push_weights(self, receivers: Sequence[Any]) -> dict[str, float]:
-        """Gather the weights once and call ``receiver.update_weights.remote(ref)`` on every actor handle."""
-        start = time.perf_counter()
-        ref = self.gather_weights()
-        ray.wait([ref], fetch_local=False)
-        gathered = time.perf_counter()
-        ray.get([receiver.update_weights.remote(ref) for receiver in receivers])
-        done = time.perf_counter()
-        return {"push/gather_s": gathered - start, "push/update_s": done - gathered, "push/total_s": done - start}
 
     # ---------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any] | None = None) -> None:
         """Save DeepSpeed state, every rank's RNG, the learner's step and ``client_state`` (picklable)."""
         state = {_LEARNER_KEY: {"global_step": self.global_step}, "client": dict(client_state or {})}
-        ray.get([rank.save_checkpoint.remote(str(directory), state) for rank in self.ranks])
+        self.actors.get(self.actors.each(lambda rank: rank.save_checkpoint.remote(str(directory), state)))
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         """Restore a checkpoint written by a group of the same size and ZeRO stage; return its client_state."""
-        states = ray.get([rank.load_checkpoint.remote(str(directory)) for rank in self.ranks])
+        states = self.actors.get(self.actors.each(lambda rank: rank.load_checkpoint.remote(str(directory))))
         self.global_step = states[0][_LEARNER_KEY]["global_step"]
         return states[0]["client"]
 
     def export_hf(self, directory: str | Path) -> Path:
         """Write full weights and the processor files as a Hugging Face model directory."""
-        paths = ray.get([rank.export_hf.remote(str(directory)) for rank in self.ranks])
+        paths = self.actors.get(self.actors.each(lambda rank: rank.export_hf.remote(str(directory))))
         return Path(paths[0])
 
     def shutdown(self) -> None:
-        ray.get([rank.shutdown.remote() for rank in self.ranks])
-        for rank in self.ranks:
-            ray.kill(rank)
-        self.ranks = []
+        """Leave the process group on every rank, then end the rank actors (idempotent)."""
+        self.actors.shutdown()
 
 
 def _mask(sample: TrainSample):

@@ -16,12 +16,13 @@ from typing import Any
 import ray
 
 from cv_ray.learner.config import LearnerConfig
+from cv_ray.models import ModelRef
 
 
 @ray.remote
 class LearnerRank:
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
+    def __init__(self) -> None:
+        self.rank, self.world_size = 0, 1
         self.trainer = None
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -31,8 +32,10 @@ class LearnerRank:
             port = sock.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, master_addr: str, master_port: int, model_path: str, cfg: LearnerConfig, total_steps: int,
-              seed: int, temperature: float) -> None:
+    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, model: ModelRef,
+              cfg: LearnerConfig, total_steps: int, seed: int, temperature: float) -> None:
+        """Join the process group as ``rank`` of ``world_size`` and build this rank's engines."""
+        self.rank, self.world_size = rank, world_size
         from cv_ray.learner.deepspeed_ops import use_venv_extension_cache
 
         use_venv_extension_cache()  # before DeepSpeed starts its backend (which loads its built op)
@@ -48,7 +51,7 @@ class LearnerRank:
 
         from cv_ray.learner.rank_trainer import RankTrainer
 
-        self.trainer = RankTrainer(model_path, cfg, self.rank, self.world_size, total_steps, seed, temperature)
+        self.trainer = RankTrainer(model, cfg, self.rank, self.world_size, total_steps, seed, temperature)
 
     def compute_logprobs(self, samples, which: str):
         return self.trainer.compute_logprobs(samples, which)

@@ -24,6 +24,7 @@ from cv_ray.learner.forward import sequence_logprobs
 from cv_ray.learner.losses import RLObjective, RLTokens, build_rl_objective, sft_loss
 from cv_ray.learner.schedule import LR_SCHEDULES, warmup_steps_for
 from cv_ray.learner.weights import iter_full_weights
+from cv_ray.models import ModelRef
 
 LossFn = Callable[[ModelBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 
@@ -60,14 +61,14 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 class RankTrainer:
     """Policy (DeepSpeed engine) + optional reference model on one rank of the learner group."""
 
-    def __init__(self, model_path: str, cfg: LearnerConfig, rank: int, world_size: int, total_steps: int,
+    def __init__(self, model_ref: ModelRef, cfg: LearnerConfig, rank: int, world_size: int, total_steps: int,
                  seed: int, temperature: float) -> None:
         import deepspeed
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         from cv_ray.agent.chat import banned_token_ids
 
-        self.cfg, self.rank, self.world_size, self.model_path = cfg, rank, world_size, str(model_path)
+        self.cfg, self.rank, self.world_size, self.model_path = cfg, rank, world_size, model_ref.path
         self.temperature = temperature
         use_cuda = cfg.gpus_per_rank > 0 and torch.cuda.is_available()
         if cfg.gpus_per_rank > 0 and not use_cuda:
@@ -118,7 +119,9 @@ class RankTrainer:
             else:
                 self.reference = ref.to(self.device)
 
-        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        # The run's image bounds (model.min_pixels / max_pixels): the same pixels and image-token
+        # counts as the rollout engines produced for these sequences.
+        self.processor = model_ref.load_processor()
         self.pad_id = self.processor.tokenizer.pad_token_id or 0
         self.banned_ids = banned_token_ids(self.module.config)
         self.objective: RLObjective = build_rl_objective(

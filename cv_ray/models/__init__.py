@@ -1,13 +1,56 @@
-"""Model directories: family detection and the tiny models built for tests and the quickstart."""
+"""Model directories: how every component loads a model's processor, family detection, and the tiny
+models built for tests and the quickstart."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cv_ray.errors import ConfigError
 
 _MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model directory and the image bounds every component must process its images with.
+
+    The rollout engines (HF and vLLM), the SFT stage and the learner all build their image processor
+    from one ``ModelRef`` (``model.min_pixels`` / ``model.max_pixels`` in the config), so an image
+    becomes the same pixel tensor and the same number of image tokens everywhere: a mismatch between
+    the sampler's and the trainer's resizing shows up as a KL spike, or as an image-token count that
+    no longer matches the image features. ``None`` bounds keep the checkpoint's own.
+    """
+
+    path: str
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    @classmethod
+    def of(cls, model: ModelRef | str | Path) -> ModelRef:
+        """``model`` itself, or a bare directory with the checkpoint's own image bounds."""
+        return model if isinstance(model, ModelRef) else cls(str(model))
+
+    def with_path(self, path: str | Path) -> ModelRef:
+        """Another model directory (e.g. the SFT model) processed with the same image bounds."""
+        return ModelRef(str(path), self.min_pixels, self.max_pixels)
+
+    def processor_kwargs(self) -> dict[str, int]:
+        """The bounds as the Qwen-VL processors take them (``AutoProcessor`` and vLLM's ``mm_processor_kwargs``)."""
+        kwargs = {}
+        if self.min_pixels is not None:
+            kwargs["min_pixels"] = int(self.min_pixels)
+        if self.max_pixels is not None:
+            kwargs["max_pixels"] = int(self.max_pixels)
+        return kwargs
+
+    def load_processor(self) -> Any:
+        """The model's processor with these image bounds."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(self.path, **self.processor_kwargs())
 
 
 def detect_family(model_dir: str | Path) -> str:

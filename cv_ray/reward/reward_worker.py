@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import ray
 
+from cv_ray.actor_group import ActorGroup, GroupShell
 from cv_ray.reward.config import RewardConfig
 from cv_ray.reward.dense import mean_breakdown, score_group
 from cv_ray.reward.judge import JudgeClient
@@ -49,30 +50,35 @@ class RewardWorker:
         return stats
 
 
-class RewardGroup:
+class RewardGroup(GroupShell):
     """``cfg.num_workers`` reward actors; scores a batch of groups spread over them."""
 
     def __init__(self, cfg: RewardConfig):
-        self.workers = [RewardWorker.options(num_cpus=cfg.cpus_per_worker).remote(cfg)
-                        for _ in range(cfg.num_workers)]
+        self.actors = ActorGroup(RewardWorker, cfg.num_workers, args=(cfg,), name="reward workers",
+                                 options=lambda i: {"num_cpus": cfg.cpus_per_worker})
         self._last_stats: dict[str, int] = {}
 
     def score(self, groups: Sequence[tuple[Task, Sequence[Trajectory]]]
               ) -> tuple[list[list[RewardBreakdown]], dict[str, float]]:
         """Breakdowns per group (in the order given) and metrics: the mean of every component
         (``reward/<name>``) and this call's judge and verdict counters."""
+        workers = self.actors.actors
         refs = []
         for index, (task, trajectories) in enumerate(groups):
             outcomes = [outcome_from_trajectory(t) for t in trajectories]
-            worker = self.workers[index % len(self.workers)]
+            worker = workers[index % len(workers)]
             refs.append(worker.score_outcomes.remote(dataclasses.replace(task, images=[]), outcomes))
         results: list[list[RewardBreakdown]] = ray.get(refs)
 
         totals: dict[str, int] = {}
-        for worker_stats in ray.get([w.stats.remote() for w in self.workers]):
+        for worker_stats in self.actors.get(self.actors.each(lambda worker: worker.stats.remote())):
             for key, value in worker_stats.items():
                 totals[key] = totals.get(key, 0) + value
         metrics = {f"reward/{k}": v for k, v in mean_breakdown([b for r in results for b in r]).items()}
         metrics.update({f"reward/{k}": float(v - self._last_stats.get(k, 0)) for k, v in totals.items()})
         self._last_stats = totals
         return results, metrics
+
+    def shutdown(self) -> None:
+        """End the reward actors (idempotent)."""
+        self.actors.shutdown()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from cv_ray.rollout.engine import GenerationOutput, GenerationRequest
+from cv_ray.agent.generation import GenerationOutput, GenerationRequest
 
 
 class RequestBatcher:

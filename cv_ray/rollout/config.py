@@ -59,6 +59,16 @@ class RolloutConfig:
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """vLLM engine settings (rollout=vllm)."""
 
+    def loop_settings(self):
+        """The agent loop's part of this config (:class:`cv_ray.agent.loop.LoopSettings`)."""
+        from cv_ray.agent.loop import LoopSettings
+
+        return LoopSettings(max_turns=self.max_turns, max_new_tokens_per_turn=self.max_new_tokens_per_turn,
+                            max_response_tokens=self.max_response_tokens, temperature=self.temperature,
+                            top_p=self.top_p, max_concurrent_trajectories=self.max_concurrent_trajectories,
+                            tool_image_min_pixels=self.tool_image_min_pixels,
+                            tool_image_max_pixels=self.tool_image_max_pixels)
+
     def validate(self, prefix: str = "rollout") -> None:
         if self.engine not in ("hf", "vllm"):
             raise ConfigError(f"{prefix}.engine", f"got {self.engine!r}", "use `hf` or `vllm`")

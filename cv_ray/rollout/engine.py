@@ -1,83 +1,25 @@
-"""The generation-engine interface behind a RolloutWorker: token-in/token-out with images.
+"""Pick a generation engine by name (``rollout.engine``): HF (transformers, CPU or GPU) or vLLM (GPU).
 
-An engine receives the full token context of a trajectory (prompt and response so far, image
-placeholders already expanded) with that trajectory's model images, and returns the sampled ids and
-their log-probs, computed with :func:`cv_ray.logprobs.token_logprobs` under the same temperature and
-the same banned placeholder ids the learner uses (so the on-policy importance ratio is exactly 1).
-Implementations: :class:`cv_ray.rollout.hf_engine.HFEngine` (transformers, CPU or GPU) and
-:class:`cv_ray.rollout.vllm_engine.VLLMEngine` (GPU). Pick one by name with :func:`make_engine`.
+The interface every engine implements (``Engine``, ``GenerationRequest``, ``SamplingParams``,
+``GenerationOutput``) is the agent layer's: :mod:`cv_ray.agent.generation`.
 """
 
 from __future__ import annotations
 
-import abc
 import importlib
-from dataclasses import dataclass, field
 
-import torch
-from PIL import Image
-
+from cv_ray.agent.generation import Engine
+from cv_ray.models import ModelRef
 from cv_ray.rollout.config import RolloutConfig
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    """0 is greedy (scored as temperature 1, see cv_ray.logprobs)."""
-    top_p: float = 1.0
-    """Nucleus sampling; log-probs are still those of the full tempered distribution (what the
-    learner recomputes), not of the truncated one."""
-    max_new_tokens: int = 1024
-    stop_token_ids: tuple[int, ...] = ()
-    """Generation of a request ends after sampling any of these (it is kept in the output)."""
-    banned_token_ids: tuple[int, ...] = ()
-    """Never sampled (logits masked to -inf); the same ids are masked when scoring."""
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    """The whole context: prompt plus response so far, image placeholders expanded."""
-    images: list[Image.Image]
-    """The model images whose placeholders appear in ``prompt_ids``, in order."""
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass
-class GenerationOutput:
-    token_ids: list[int]
-    """Sampled ids, including the stop token when one was sampled."""
-    logprobs: list[float]
-    """Per sampled id: ``token_logprobs`` of the raw logits under the request's temperature and bans."""
-    finish_reason: str
-    """``stop`` (a stop token was sampled) or ``length`` (max_new_tokens reached)."""
-
-
-class Engine(abc.ABC):
-    """Asynchronous generation with log-probs, and in-place weight updates."""
-
-    @abc.abstractmethod
-    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        """One output per request, in order. Concurrent calls may be served in one batch."""
-
-    @abc.abstractmethod
-    async def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
-        """Load new weights (HF state-dict names of the ``*ForConditionalGeneration`` model, a subset is
-        fine) and return the new weight version (updates counted from 0)."""
-
-    def describe(self) -> dict[str, object]:
-        """What the health check reports (no generation)."""
-        return {"engine": type(self).__name__}
-
 
 # Engines by config name, imported on demand (vLLM exists only on GPU nodes).
 _ENGINES = {"hf": ("cv_ray.rollout.hf_engine", "HFEngine"), "vllm": ("cv_ray.rollout.vllm_engine", "VLLMEngine")}
 
 
-def make_engine(model_path: str, cfg: RolloutConfig) -> Engine:
-    """Build the engine ``cfg.engine`` names for the model at ``model_path``."""
+def make_engine(model: ModelRef, cfg: RolloutConfig) -> Engine:
+    """Build the engine ``cfg.engine`` names for ``model`` (its directory and image bounds)."""
     if cfg.engine not in _ENGINES:
         raise ValueError(f"unknown engine {cfg.engine!r}; use one of {sorted(_ENGINES)}")
     module_name, class_name = _ENGINES[cfg.engine]
     engine_cls = getattr(importlib.import_module(module_name), class_name)
-    return engine_cls.from_config(model_path, cfg)
+    return engine_cls.from_config(model, cfg)

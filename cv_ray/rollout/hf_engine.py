@@ -15,20 +15,22 @@ from collections import defaultdict
 import torch
 
 from cv_ray.agent.chat import build_model_inputs
+from cv_ray.agent.generation import Engine, GenerationOutput, GenerationRequest, SamplingParams
 from cv_ray.logprobs import token_logprobs
+from cv_ray.models import ModelRef
 from cv_ray.rollout.batching import RequestBatcher
 from cv_ray.rollout.config import RolloutConfig
-from cv_ray.rollout.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
 
 
 class HFEngine(Engine):
-    def __init__(self, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+    def __init__(self, model: ModelRef | str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  max_batch_size: int = 32):
-        from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+        from transformers import AutoModelForImageTextToText, GenerationConfig
 
-        self.model_path = str(model_path)
+        model = ModelRef.of(model)
+        self.model_path = model.path
         self.device = torch.device(device)
-        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.processor = model.load_processor()
         self.model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -40,9 +42,9 @@ class HFEngine(Engine):
         self.weight_version = 0
 
     @classmethod
-    def from_config(cls, model_path: str, cfg: RolloutConfig) -> HFEngine:
+    def from_config(cls, model: ModelRef, cfg: RolloutConfig) -> HFEngine:
         on_gpu = cfg.gpus_per_worker > 0 and torch.cuda.is_available()
-        return cls(model_path, device="cuda" if on_gpu else "cpu",
+        return cls(model, device="cuda" if on_gpu else "cpu",
                    dtype=torch.bfloat16 if on_gpu else torch.float32, max_batch_size=cfg.hf_max_batch_size)
 
     @property

@@ -1,15 +1,18 @@
 """RolloutWorker (a Ray actor) and RolloutGroup (the driver's handle on all of them).
 
 A RolloutWorker is a thin shell: it builds an engine (``cfg.engine``), a chat codec from the
-model's processor and an :class:`~cv_ray.agent.loop.AgentLoop` over the sandbox group it is given,
-and exposes ``rollout``, ``update_weights`` and a generation-free ``health`` check. It is an async
-actor, so one worker runs many agent loops concurrently on its event loop.
+model's processor (with the run's image bounds, :class:`~cv_ray.models.ModelRef`) and an
+:class:`~cv_ray.agent.loop.AgentLoop` over the sandbox group it is given, and exposes ``rollout``,
+``update_weights`` and a generation-free ``health`` check. It is an async actor, so one worker runs
+many agent loops concurrently on its event loop.
 
-RolloutGroup creates ``cfg.num_workers`` workers (each in its own placement-group bundle of
+RolloutGroup creates ``cfg.num_workers`` workers through the generic
+:class:`~cv_ray.actor_group.ActorGroup` (each in its own placement-group bundle of
 ``gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs when GPUs are asked for), splits a batch of
 tasks across them, and returns the trajectories in task order with the batch's metrics.
-Weights are put in Ray's object store once and read by every worker; their names are the Hugging
-Face state-dict names of the ``*ForConditionalGeneration`` model (``model.named_parameters()``).
+``update_weights`` takes weights as an ObjectRef (what ``LearnerGroup.gather_weights`` returns: one
+copy in Ray's object store, read by every worker) or as a dict; their names are the Hugging Face
+state-dict names of the ``*ForConditionalGeneration`` model (``model.named_parameters()``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 import ray
 import torch
 
+from cv_ray.actor_group import ActorGroup, GroupShell
+from cv_ray.models import ModelRef
 from cv_ray.rollout.config import RolloutConfig
 from cv_ray.rollout.metrics import batch_metrics
 from cv_ray.types import Task, Trajectory
@@ -27,9 +32,7 @@ from cv_ray.types import Task, Trajectory
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, model_path: str, cfg: RolloutConfig, sandbox_group: Any):
-        from transformers import AutoProcessor
-
+    def __init__(self, model: ModelRef, cfg: RolloutConfig, sandbox_group: Any):
         from cv_ray.agent.chat import codec_from_config
         from cv_ray.agent.loop import AgentLoop
         from cv_ray.rollout.engine import make_engine
@@ -39,10 +42,10 @@ class RolloutWorker:
 
             # Ray's workers start with OMP_NUM_THREADS=1 (cv_ray.cluster); a CPU engine uses its CPU share.
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-        self.model_path = str(model_path)
-        self.engine = make_engine(self.model_path, cfg)
-        self.codec = codec_from_config(AutoProcessor.from_pretrained(self.model_path), cfg)
-        self.loop = AgentLoop(self.engine, self.codec, sandbox_group, cfg)
+        self.model = model
+        self.engine = make_engine(model, cfg)
+        self.codec = codec_from_config(model.load_processor(), cfg)
+        self.loop = AgentLoop(self.engine, self.codec, sandbox_group, cfg.loop_settings())
         self.in_flight = 0
 
     async def rollout(self, tasks: list[Task], n_samples: int, temperature: float | None = None,
@@ -72,24 +75,15 @@ def split_evenly(n_items: int, n_parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
-class RolloutGroup:
-    def __init__(self, model_path: str, cfg: RolloutConfig, sandbox_group: Any):
+class RolloutGroup(GroupShell):
+    def __init__(self, model: ModelRef | str, cfg: RolloutConfig, sandbox_group: Any):
         self.cfg = cfg
-        self.placement_group = None
-        options: list[dict[str, Any]] = [{"num_cpus": cfg.cpus_per_worker}] * cfg.num_workers
-        if cfg.gpus_per_worker > 0:
-            from ray.util.placement_group import placement_group
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            bundles = [{"GPU": cfg.gpus_per_worker, "CPU": cfg.cpus_per_worker}] * cfg.num_workers
-            self.placement_group = placement_group(bundles, strategy="PACK")
-            ray.get(self.placement_group.ready())
-            options = [
-                {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker,
-                 "scheduling_strategy": PlacementGroupSchedulingStrategy(self.placement_group, i)}
-                for i in range(cfg.num_workers)
-            ]
-        self.workers = [RolloutWorker.options(**opt).remote(model_path, cfg, sandbox_group) for opt in options]
+        on_gpu = cfg.gpus_per_worker > 0
+        bundles = [{"GPU": cfg.gpus_per_worker, "CPU": cfg.cpus_per_worker}] * cfg.num_workers if on_gpu else None
+        self.actors = ActorGroup(
+            RolloutWorker, cfg.num_workers, args=(ModelRef.of(model), cfg, sandbox_group), bundles=bundles,
+            options=lambda i: {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker},
+            name="rollout workers")
 
     def rollout(self, tasks: list[Task], n_samples: int | None = None, temperature: float | None = None,
                 use_tools: bool = True) -> tuple[list[Trajectory], dict[str, float]]:
@@ -100,25 +94,23 @@ class RolloutGroup:
         """
         n_samples = n_samples or self.cfg.n_samples
         started = time.perf_counter()
-        parts = [(s, e) for s, e in split_evenly(len(tasks), len(self.workers)) if e > s]
-        refs = [worker.rollout.remote(tasks[s:e], n_samples, temperature, use_tools)
-                for worker, (s, e) in zip(self.workers, parts)]
-        trajectories = [t for chunk in ray.get(refs) for t in chunk]
+        parts = split_evenly(len(tasks), len(self.actors))
+        refs = self.actors.zip(lambda worker, part: worker.rollout.remote(tasks[part[0]:part[1]], n_samples,
+                                                                         temperature, use_tools), parts)
+        trajectories = [t for chunk in self.actors.get(refs) for t in chunk]
         return trajectories, batch_metrics(trajectories, time.perf_counter() - started)
 
-    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> list[int]:
-        """Push one set of weights to every worker (one copy in the object store); returns their versions."""
-        ref = ray.put(named_tensors)
-        return ray.get([worker.update_weights.remote(ref) for worker in self.workers])
+    def update_weights(self, weights: ray.ObjectRef | dict[str, torch.Tensor]) -> list[int]:
+        """Load one set of weights into every worker's engine; returns their new weight versions.
+
+        ``weights``: an ObjectRef of ``{hf_name: tensor}`` (``LearnerGroup.gather_weights()``), or the
+        dict itself (put in the object store once here).
+        """
+        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        return self.actors.get(self.actors.each(lambda worker: worker.update_weights.remote(ref)))
 
     def health(self) -> list[dict[str, Any]]:
-        return ray.get([worker.health.remote() for worker in self.workers])
+        return self.actors.get(self.actors.each(lambda worker: worker.health.remote()))
 
     def shutdown(self) -> None:
-        for worker in self.workers:
-            ray.kill(worker)
-        if self.placement_group is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(self.placement_group)
-        self.workers = []
+        self.actors.shutdown()

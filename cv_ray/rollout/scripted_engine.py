@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from cv_ray.agent.chat import ChatCodec
-from cv_ray.rollout.engine import Engine, GenerationOutput, GenerationRequest
+from cv_ray.agent.generation import Engine, GenerationOutput, GenerationRequest
 
 SCRIPTED_LOGPROB = -1.0
 

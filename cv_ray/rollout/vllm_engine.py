@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
+from cv_ray.agent.generation import Engine, GenerationOutput, GenerationRequest
+from cv_ray.models import ModelRef
 from cv_ray.rollout.batching import RequestBatcher
 from cv_ray.rollout.config import RolloutConfig, VLLMConfig
-from cv_ray.rollout.engine import Engine, GenerationOutput, GenerationRequest
 
 # Weights travel in buckets of at most this many bytes per GPU (bounded extra GPU memory).
 WEIGHT_BUCKET_BYTES = 512 * 1024 * 1024
@@ -74,7 +75,7 @@ def ipc_update_info(named_tensors: Sequence[tuple[str, torch.Tensor]],
 
 
 class VLLMEngine(Engine):
-    def __init__(self, model_path: str, cfg: VLLMConfig, max_images_per_prompt: int, seed: int = 0,
+    def __init__(self, model: ModelRef | str, cfg: VLLMConfig, max_images_per_prompt: int, seed: int = 0,
                  max_batch_size: int = 256):
         import vllm
         from transformers import AutoTokenizer
@@ -82,8 +83,9 @@ class VLLMEngine(Engine):
 
         from cv_ray.agent.chat import banned_token_ids
 
+        model = ModelRef.of(model)
         self._vllm = vllm
-        self.model_path = str(model_path)
+        self.model_path = model.path
         self.cfg = cfg
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.image_token_id = int(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
@@ -95,6 +97,8 @@ class VLLMEngine(Engine):
             max_model_len=cfg.max_model_len,
             enable_sleep_mode=cfg.enable_sleep_mode,
             limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+            # The run's image bounds (model.min_pixels / max_pixels), as every other processor uses them.
+            mm_processor_kwargs=model.processor_kwargs() or None,
             logprobs_mode="processed_logprobs",
             weight_transfer_config=WeightTransferConfig(backend="ipc"),
             seed=seed,
@@ -104,10 +108,10 @@ class VLLMEngine(Engine):
         self.weight_version = 0
 
     @classmethod
-    def from_config(cls, model_path: str, cfg: RolloutConfig) -> VLLMEngine:
+    def from_config(cls, model: ModelRef, cfg: RolloutConfig) -> VLLMEngine:
         # Every tool call can add an image: the task's images plus one per call, bounded by the turns.
         max_images = 4 + cfg.max_turns * 4
-        return cls(model_path, cfg.vllm, max_images_per_prompt=max_images,
+        return cls(model, cfg.vllm, max_images_per_prompt=max_images,
                    max_batch_size=max(cfg.max_concurrent_trajectories, 1))
 
     async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:

@@ -29,6 +29,7 @@ import zlib
 import ray
 from PIL import Image
 
+from cv_ray.actor_group import ActorGroup, GroupShell
 from cv_ray.sandbox import messages
 from cv_ray.sandbox.config import SandboxConfig
 from cv_ray.sandbox.pool import SandboxPool, check_request
@@ -64,7 +65,7 @@ class SandboxExecutor:
         self.pool.close()
 
 
-class SandboxGroup:
+class SandboxGroup(GroupShell):
     def __init__(self, cfg: SandboxConfig):
         """Start ``cfg.num_executors`` executors and wait until each has its zygotes ready."""
         cfg.validate()
@@ -72,19 +73,21 @@ class SandboxGroup:
         # Threads beyond the pool's workers just wait in the pool's queue; a few per worker keep
         # every worker busy while results travel back.
         concurrency = max(4, 4 * cfg.workers_per_executor)
-        self._actors = [
-            SandboxExecutor.options(num_cpus=cfg.cpus_per_executor, max_concurrency=concurrency,
-                                    scheduling_strategy="SPREAD").remote(cfg)
-            for _ in range(cfg.num_executors)
-        ]
+        self.actors = ActorGroup(
+            SandboxExecutor, cfg.num_executors, args=(cfg,), name="sandbox executors",
+            options=lambda i: {"num_cpus": cfg.cpus_per_executor, "max_concurrency": concurrency,
+                               "scheduling_strategy": "SPREAD"},
+            # An executor already dead has no zygotes left to stop (the group logs and moves on).
+            on_shutdown=lambda executor: executor.shutdown.remote())
+        self._actors = self.actors.actors
         self._in_flight = [0] * len(self._actors)
         self.actor_failures = 0
         """Calls that found their executor dead (each retried elsewhere), counted by this handle."""
-        ray.get([actor.layers.remote() for actor in self._actors])
-
-    @property
-    def actors(self) -> list:
-        return list(self._actors)
+        try:
+            self.actors.get(self.actors.each(lambda executor: executor.layers.remote()))
+        except BaseException:
+            self.actors.shutdown()
+            raise
 
     def _pick(self, session_id: str | None, tried: set[int]) -> int:
         candidates = [i for i in range(len(self._actors)) if i not in tried] or list(range(len(self._actors)))
@@ -127,14 +130,8 @@ class SandboxGroup:
 
     def stats(self) -> list[dict[str, int]]:
         """Per-executor call counts by outcome (blocking; for logging between steps)."""
-        return ray.get([actor.stats.remote() for actor in self._actors])
+        return self.actors.get(self.actors.each(lambda executor: executor.stats.remote()))
 
     def shutdown(self) -> None:
-        """Stop every executor's zygotes, then the actors."""
-        done = [actor.shutdown.remote() for actor in self._actors]
-        try:
-            ray.get(done, timeout=30)
-        except _ACTOR_FAILURES as exc:  # an executor already dead has no zygotes left to stop
-            log.warning("sandbox executor was already gone at shutdown: %s", exc)
-        for actor in self._actors:
-            ray.kill(actor, no_restart=True)
+        """Stop every executor's zygotes, then the actors (idempotent)."""
+        self.actors.shutdown()

@@ -90,15 +90,12 @@ class HeldoutEvaluator:
     learner's weight push takes). Idle between evaluations, its actors only hold memory.
     """
 
-    def __init__(self, cfg, model_dir: Path) -> None:
-        from cv_ray.reward import RewardGroup
-        from cv_ray.rollout.rollout_worker import RolloutGroup
-        from cv_ray.sandbox import SandboxGroup
+    def __init__(self, cfg, model) -> None:
+        from cv_ray.episode_groups import EpisodeGroups
 
-        self.cfg, self.model_dir = cfg, model_dir
-        self.sandbox = SandboxGroup(cfg.sandbox)
-        self.rollout = RolloutGroup(str(model_dir), cfg.rollout, self.sandbox)
-        self.reward = RewardGroup(cfg.reward)
+        self.cfg, self.model_dir = cfg, Path(model.path)
+        self.groups = EpisodeGroups.start(model, cfg.rollout, cfg.sandbox, cfg.reward)
+        self.actor_count = sum(len(g.actors) for g in (self.groups.sandbox, self.groups.rollout, self.groups.reward))
 
     def evaluate(self, model_dir: Path, tasks: list) -> dict[str, dict[str, Any]]:
         """Episodes of ``model_dir`` on ``tasks``, decoded two ways: ``greedy`` (one episode per task)
@@ -109,19 +106,14 @@ class HeldoutEvaluator:
         of attempted calls that parsed and ran; None when no call was made) and the mean dense reward.
         """
         if model_dir != self.model_dir:
-            self.rollout.update_weights(_model_weights(model_dir))
+            self.groups.rollout.update_weights(_model_weights(model_dir))
             self.model_dir = model_dir
         cfg = self.cfg
-        return {"greedy": _decoded_eval(self.rollout, self.reward, tasks, 1, cfg.eval.temperature),
-                "sampled": _decoded_eval(self.rollout, self.reward, tasks, SAMPLED_EPISODES, cfg.rollout.temperature)}
+        return {"greedy": _decoded_eval(self.groups, tasks, 1, cfg.eval.temperature),
+                "sampled": _decoded_eval(self.groups, tasks, SAMPLED_EPISODES, cfg.rollout.temperature)}
 
     def close(self) -> None:
-        import ray
-
-        self.rollout.shutdown()
-        self.sandbox.shutdown()
-        for worker in self.reward.workers:
-            ray.kill(worker)
+        self.groups.shutdown()
 
 
 def _model_weights(model_dir: Path) -> dict[str, Any]:
@@ -132,14 +124,11 @@ def _model_weights(model_dir: Path) -> dict[str, Any]:
     return AutoModelForImageTextToText.from_pretrained(model_dir).state_dict()
 
 
-def _decoded_eval(rollout, reward, tasks: list, n: int, temperature: float) -> dict[str, Any]:
+def _decoded_eval(groups, tasks: list, n: int, temperature: float) -> dict[str, Any]:
     from cv_ray.eval.metrics import summarize
     from cv_ray.eval.runner import eval_record
 
-    trajectories, _ = rollout.rollout(tasks, n, temperature=temperature)  # task-major
-    groups = [(task, trajectories[i * n:(i + 1) * n]) for i, task in enumerate(tasks)]
-    breakdowns, _ = reward.score(groups)
-    triples = [(task, traj, b) for (task, trajs), bs in zip(groups, breakdowns) for traj, b in zip(trajs, bs)]
+    triples = groups.play(tasks, n, temperature=temperature).triples()
     for task, traj, b in triples[:1]:
         log.info("sample %s (%s, answer %s, reward %.2f, stop %s, temperature %g):\n%s", task.uid,
                  task.extra.get("transform"), task.answer, b.total, traj.stop_reason, temperature, traj.response_text)
@@ -204,6 +193,7 @@ class Phases:
 
 
 def main(overrides: list[str]) -> dict[str, Any]:
+    from cv_ray.actor_group import live_actors
     from cv_ray.cluster import init_ray
     from cv_ray.config import as_dict, to_yaml
     from cv_ray.data.demo_family import build_demo_dataset
@@ -230,7 +220,8 @@ def main(overrides: list[str]) -> dict[str, Any]:
     base_model, family = prepare_model(cfg.model.path, cfg.model.family, cfg.model.build_tiny)
     init_ray(num_cpus=cfg.trainer.ray_num_cpus)
     tracker = Tracker(cfg.logger, work_dir, run_name=work_dir.name, config=as_dict(cfg))
-    ctx = RunContext(cfg, work_dir, Path(base_model), family, tracker)
+    ctx = RunContext(cfg, work_dir, Path(base_model), tracker)
+    live_after: dict[str, int] = {}  # actors alive after each phase: only the evaluator's may outlive one
     try:
         def data() -> dict[str, Any]:
             with SandboxPool.from_config(cfg.sandbox) as pool:
@@ -240,18 +231,22 @@ def main(overrides: list[str]) -> dict[str, Any]:
 
         manifest = phases.run("data", data)
         heldout = list(read_tasks(ctx.data_dir / "rl_val.parquet"))
-        evaluator = HeldoutEvaluator(cfg, ctx.base_model)
+        evaluator = HeldoutEvaluator(cfg, ctx.model_ref(ctx.base_model))
         try:
             evals = {"base": phases.run("eval_base", evaluator.evaluate, ctx.base_model, heldout)}
             log.info("base: %s", evals["base"])
             sft = phases.run("sft", stage_sft, ctx)
+            live_after["sft"] = len(live_actors())
             evals["sft"] = phases.run("eval_sft", evaluator.evaluate, work_dir / "sft_model", heldout)
             log.info("sft: %s", evals["sft"])
             rl = phases.run("rl", stage_rl, ctx)
+            live_after["rl"] = len(live_actors())
             evals["rl"] = phases.run("eval_rl", evaluator.evaluate, work_dir / "rl_model", heldout)
             log.info("rl: %s", evals["rl"])
+            live_after["evaluations"] = len(live_actors())
         finally:
             evaluator.close()
+        live_after["end"] = len(live_actors())
     finally:
         tracker.close()
 
@@ -278,6 +273,8 @@ def main(overrides: list[str]) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "processor": platform.machine(),
                     "cpus": os.cpu_count()},
         "overrides": overrides,
+        "live_actors_after": live_after,
+        "evaluator_actors": evaluator.actor_count,
     }
     (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"run directory: {work_dir.resolve()}\n  metrics: {work_dir / 'metrics.json'}\n"

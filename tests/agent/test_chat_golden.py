@@ -18,11 +18,10 @@ import pytest
 from agent_testlib import CROP, FAILING, ROTATE_90, noise_image
 
 from cv_ray.agent.chat import banned_token_ids, encode_sft
-from cv_ray.agent.loop import AgentLoop
+from cv_ray.agent.loop import AgentLoop, LoopSettings
 from cv_ray.agent.prompts import SYSTEM_PROMPT, TOOL_SCHEMA
 from cv_ray.agent.tool_format import format_tool_call, tool_error_content, tool_response_content
 from cv_ray.agent.tool_parser import parse_tool_calls
-from cv_ray.rollout.config import RolloutConfig
 from cv_ray.rollout.scripted_engine import ScriptedEngine
 from cv_ray.types import SFTExample, Task
 
@@ -50,8 +49,8 @@ SCRIPTS = {
 }
 
 # Small tool-image bounds so that rotated outputs get resized for the model.
-CFG = RolloutConfig(max_turns=8, max_new_tokens_per_turn=512, max_response_tokens=8192,
-                    tool_image_min_pixels=28 * 28, tool_image_max_pixels=28 * 28 * 3)
+CFG = LoopSettings(max_turns=8, max_new_tokens_per_turn=512, max_response_tokens=8192,
+                   tool_image_min_pixels=28 * 28, tool_image_max_pixels=28 * 28 * 3)
 
 
 def rebuild_conversation(task: Task, texts: list[str], trajectory) -> list[dict]:

@@ -11,10 +11,9 @@ import time
 
 from agent_testlib import CROP, FAILING, ROTATE_90, SleepyTools, noise_image
 
-from cv_ray.agent.loop import AgentLoop
+from cv_ray.agent.loop import AgentLoop, LoopSettings
 from cv_ray.agent.tool_format import format_tool_call
 from cv_ray.geometry import map_box
-from cv_ray.rollout.config import RolloutConfig
 from cv_ray.rollout.scripted_engine import ScriptedEngine
 from cv_ray.types import Task
 
@@ -26,7 +25,7 @@ def make_task(uid: str = "t0") -> Task:
 
 
 def run(codec, turns, tools, cfg=None, task=None):
-    cfg = cfg or RolloutConfig(max_turns=6)
+    cfg = cfg or LoopSettings(max_turns=6)
     return asyncio.run(AgentLoop(ScriptedEngine(codec, turns), codec, tools, cfg).run(task or make_task()))
 
 
@@ -46,10 +45,10 @@ def test_stop_reasons(codecs, sandbox_tools):
     assert run(codec, ["<think>no idea</think>"], sandbox_tools).stop_reason == "no_tool_call"
     assert run(codec, [ANSWER], sandbox_tools).stop_reason == "answer"
     # A call in the last allowed turn is not executed.
-    t = run(codec, [format_tool_call(ROTATE_90, 0)] * 3, sandbox_tools, cfg=RolloutConfig(max_turns=2))
+    t = run(codec, [format_tool_call(ROTATE_90, 0)] * 3, sandbox_tools, cfg=LoopSettings(max_turns=2))
     assert (t.stop_reason, t.num_turns, len(t.tool_calls)) == ("max_turns", 2, 1)
     # A turn cut by its token limit ends the episode with no separator after it.
-    t = run(codec, [ANSWER], sandbox_tools, cfg=RolloutConfig(max_new_tokens_per_turn=4))
+    t = run(codec, [ANSWER], sandbox_tools, cfg=LoopSettings(max_new_tokens_per_turn=4))
     assert (t.stop_reason, len(t.response_ids), t.response_mask) == ("max_tokens", 4, [1, 1, 1, 1])
 
 
@@ -57,7 +56,7 @@ def test_tool_response_over_budget_drops_its_images_and_placeholders(codecs, san
     codec = codecs["qwen2_5_vl"]
     first = format_tool_call(ROTATE_90, 0)
     sampled = len(codec.tokenizer.encode(first)) + 1 + len(codec.separator_ids)
-    cfg = RolloutConfig(max_response_tokens=sampled + 12)
+    cfg = LoopSettings(max_response_tokens=sampled + 12)
     t = run(codec, [first, ANSWER], sandbox_tools, cfg=cfg)
     assert t.stop_reason == "max_tokens"
     assert len(t.response_ids) == len(t.response_mask) == len(t.rollout_logprobs) == cfg.max_response_tokens
@@ -94,7 +93,7 @@ def test_trajectories_generate_while_others_wait_for_tools(codecs):
     # Call k waits delays[k % 2]: one trajectory's tool returns at once, the other's takes 0.3 s.
     tools = SleepyTools(delays_s=(0.0, 0.3))
     engine = TimedScriptedEngine(codec, [format_tool_call(ROTATE_90, 0), ANSWER], seconds_per_token=0.0005)
-    loop = AgentLoop(engine, codec, tools, RolloutConfig())
+    loop = AgentLoop(engine, codec, tools, LoopSettings())
     trajectories = asyncio.run(loop.run_many([make_task("a"), make_task("b")], n_samples=2))
     assert [(t.uid, t.sample_index) for t in trajectories] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
     assert all(t.stop_reason == "answer" for t in trajectories)
@@ -110,7 +109,7 @@ def test_tool_free_episode_has_no_schema_and_runs_no_call(codecs, processors, sa
     codec, processor = codecs["qwen2_5_vl"], processors["qwen2_5_vl"]
     text = format_tool_call(ROTATE_90, 0)  # a tool-trained model may still write a call
     task = make_task()
-    loop = AgentLoop(ScriptedEngine(codec, [text, ANSWER]), codec, sandbox_tools, RolloutConfig())
+    loop = AgentLoop(ScriptedEngine(codec, [text, ANSWER]), codec, sandbox_tools, LoopSettings())
     t = asyncio.run(loop.run(task, use_tools=False))
     assert (t.stop_reason, t.num_turns, t.tool_calls) == ("no_tool_call", 1, [])
     messages = [{"role": "system", "content": NO_TOOL_SYSTEM_PROMPT},

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
+from cv_ray.actor_group import live_actors
 from cv_ray.config import Config
 from cv_ray.eval.runner import evaluate
 
@@ -26,7 +27,10 @@ def test_tiny_model_report(tiny_qwen25, ray_local, tmp_path):
     cfg.rollout = replace(cfg.rollout, max_turns=2, max_new_tokens_per_turn=16, n_samples=1)
     cfg.sandbox = replace(cfg.sandbox, num_executors=1)
     cfg.eval = replace(cfg.eval, suites=["orientation"])
+    before = {a["actor_id"] for a in live_actors()}
     summaries, paths = evaluate(tiny_qwen25, cfg, tmp_path / "data", tmp_path / "eval")
+    # The evaluator ends every actor it started (mutant: it leaves its reward workers running).
+    assert {a["actor_id"] for a in live_actors()} == before
 
     assert set(summaries) == {"with_tools", "without_tools"}
     metrics = json.loads(paths["metrics"].read_text())

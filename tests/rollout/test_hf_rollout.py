@@ -18,16 +18,15 @@ import torch
 from rollout_testlib import noise_image
 
 from cv_ray.agent.chat import ChatCodec, build_model_inputs
-from cv_ray.agent.loop import AgentLoop
+from cv_ray.agent.generation import Engine
+from cv_ray.agent.loop import AgentLoop, LoopSettings
 from cv_ray.agent.tool_format import format_tool_call
 from cv_ray.logprobs import token_logprobs
-from cv_ray.rollout.config import RolloutConfig
-from cv_ray.rollout.engine import Engine
 from cv_ray.rollout.scripted_engine import ScriptedEngine
 from cv_ray.types import Task
 
-CFG = RolloutConfig(max_turns=3, max_new_tokens_per_turn=16, max_response_tokens=2048, temperature=1.0,
-                    tool_image_min_pixels=28 * 28, tool_image_max_pixels=28 * 28 * 6)
+CFG = LoopSettings(max_turns=3, max_new_tokens_per_turn=16, max_response_tokens=2048, temperature=1.0,
+                   tool_image_min_pixels=28 * 28, tool_image_max_pixels=28 * 28 * 6)
 
 
 def tasks() -> list[Task]:

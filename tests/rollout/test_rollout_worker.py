@@ -8,6 +8,7 @@ import pytest
 import torch
 from rollout_testlib import noise_image
 
+from cv_ray.models import ModelRef
 from cv_ray.rollout.config import RolloutConfig
 from cv_ray.rollout.metrics import batch_metrics
 from cv_ray.rollout.rollout_worker import RolloutGroup, split_evenly
@@ -47,16 +48,29 @@ def test_rollout_group_on_local_ray(ray_local, tiny_qwen25):
 
     sandbox = SandboxGroup(SandboxConfig(num_executors=1, workers_per_executor=1))
     cfg = RolloutConfig(num_workers=2, n_samples=2, max_turns=2, max_new_tokens_per_turn=8, cpus_per_worker=1)
-    group = RolloutGroup(str(tiny_qwen25), cfg, sandbox)
+    # The run's image bounds (model.max_pixels below the tiny checkpoint's own 50,176): a 200 x 160
+    # task image must reach the model as the bounded processor sees it, in the codec and the engine alike.
+    model = ModelRef(str(tiny_qwen25), min_pixels=3136, max_pixels=12544)
+    group = RolloutGroup(model, cfg, sandbox)
     try:
         health = group.health()
         assert [h["engine"] for h in health] == ["hf", "hf"] and all(h["weight_version"] == 0 for h in health)
 
-        tasks = [Task(uid=f"t{i}", data_source="test", question="What?", images=[noise_image(48, 40, i)], answer="1")
+        tasks = [Task(uid=f"t{i}", data_source="test", question="What?", images=[noise_image(200, 160, i)], answer="1")
                  for i in range(3)]
         trajectories, metrics = group.rollout(tasks)
         assert [(t.uid, t.sample_index) for t in trajectories] == [(f"t{i}", k) for i in range(3) for k in range(2)]
         assert metrics["rollout/trajectories"] == 6 and metrics["rollout/wall_s"] > 0
+        # Mutant: the worker or its engine loads the processor without the bounds (the engine would then
+        # refuse the prompt's image tokens, or both would expand the image to the checkpoint's count).
+        def image_tokens(processor) -> int:
+            grid = processor.image_processor(images=tasks[0].images, return_tensors="pt")["image_grid_thw"][0]
+            return int(grid.prod()) // processor.image_processor.merge_size ** 2
+
+        bounded = model.load_processor()
+        image_id = bounded.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        assert trajectories[0].prompt_ids.count(image_id) == image_tokens(bounded)
+        assert image_tokens(bounded) < image_tokens(ModelRef(str(tiny_qwen25)).load_processor())
 
         # Zero the output head: every allowed token then has log-prob -log(vocab - banned placeholders).
         model = AutoModelForImageTextToText.from_pretrained(tiny_qwen25)

@@ -11,8 +11,8 @@ import vllm_standin
 from rollout_testlib import noise_image
 
 from cv_ray.agent.chat import ChatCodec
+from cv_ray.agent.generation import GenerationRequest, SamplingParams
 from cv_ray.rollout.config import RolloutConfig, VLLMConfig
-from cv_ray.rollout.engine import GenerationRequest, SamplingParams
 from cv_ray.rollout.vllm_engine import VLLMEngine, collapse_placeholders
 
 

@@ -16,7 +16,7 @@ import types
 from dataclasses import dataclass, field
 
 _LLM_ARGS = {"model", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enable_sleep_mode",
-             "limit_mm_per_prompt", "logprobs_mode", "weight_transfer_config", "seed"}
+             "limit_mm_per_prompt", "mm_processor_kwargs", "logprobs_mode", "weight_transfer_config", "seed"}
 
 
 @dataclass
