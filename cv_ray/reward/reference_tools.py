@@ -27,6 +27,7 @@ evaluated by the small interpreter below, never executed.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -292,10 +293,26 @@ class _BoxEvaluator:
         return None
 
 
-def _sorted_nodes(tree: ast.AST, kinds: tuple[type, ...]) -> list[Any]:
-    """Nodes of ``kinds`` anywhere in the tree, by source position (ties keep ast.walk's order)."""
-    found = [node for node in ast.walk(tree) if isinstance(node, kinds)]
-    return sorted(found, key=lambda node: (node.lineno, node.col_offset))
+def _breadth_first(tree: ast.AST) -> list[ast.AST]:
+    """Every node in ``ast.walk``'s order (breadth first, fields in order), without its generators:
+    the reference breaks position ties in this order, and reading code is this module's hot path."""
+    nodes = [tree]
+    index = 0
+    while index < len(nodes):
+        node = nodes[index]
+        index += 1
+        for name in node._fields:
+            value = getattr(node, name, None)
+            if isinstance(value, ast.AST):
+                nodes.append(value)
+            elif isinstance(value, list):
+                nodes.extend(item for item in value if isinstance(item, ast.AST))
+    return nodes
+
+
+def _by_position(nodes: list[Any]) -> list[Any]:
+    """Nodes by source position (ties keep ast.walk's order, as the reference's sort does)."""
+    return sorted(nodes, key=lambda node: (node.lineno, node.col_offset))
 
 
 def _bind(env: dict[str, Any], node: ast.AST) -> None:
@@ -326,31 +343,40 @@ def _bind(env: dict[str, Any], node: ast.AST) -> None:
                 pass  # the reference leaves the name as it was
 
 
-def _names_before(tree: ast.AST, line: int) -> dict[str, Any]:
-    """Names bound by the assignments on lines before ``line`` (anywhere: loops, functions, ...)."""
-    env: dict[str, Any] = {}
-    for node in _sorted_nodes(tree, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-        if node.lineno >= line:
-            break
-        try:
-            _bind(env, node)
-        except _EVAL_ERRORS:
-            continue  # an assignment the reference cannot evaluate binds nothing
-    return env
-
-
 def _crop_boxes_from_ast(code: str) -> list[list[float]]:
-    """``x.crop(arg)`` calls whose first argument evaluates to 4 numbers, in source order."""
+    """``x.crop(arg)`` calls whose first argument evaluates to 4 numbers, in source order.
+
+    Each argument is evaluated with the names bound by the assignments on earlier lines (anywhere:
+    loops, functions, ...), replayed in source order. The reference rebuilds that environment from
+    scratch for every crop; replaying one growing prefix gives the same environments.
+    """
+    if code.isascii() and "crop" not in code:  # (identifiers are NFKC-normalised: non-ASCII code is parsed)
+        return []
     try:
         tree = ast.parse(code)
     except _PARSE_ERRORS:
         return []
+    crops, assignments = [], []
+    for node in _breadth_first(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "crop":
+            crops.append(node)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            assignments.append(node)
+    assignments = _by_position(assignments)
+    env: dict[str, Any] = {}
+    replayed = 0
     boxes: list[list[float]] = []
-    for call in _sorted_nodes(tree, (ast.Call,)):
-        if not (isinstance(call.func, ast.Attribute) and call.func.attr == "crop") or not call.args:
+    for call in _by_position(crops):
+        if not call.args:
             continue
+        while replayed < len(assignments) and assignments[replayed].lineno < call.lineno:
+            try:
+                _bind(env, assignments[replayed])
+            except _EVAL_ERRORS:
+                pass  # an assignment the reference cannot evaluate binds nothing
+            replayed += 1
         try:
-            value = _BoxEvaluator(_names_before(tree, call.lineno))(call.args[0])
+            value = _BoxEvaluator(env)(call.args[0])
         except _EVAL_ERRORS:
             break  # the reference stops reading this code at the first error it does not catch
         if isinstance(value, list) and len(value) == 4:
@@ -502,6 +528,7 @@ def _dedup(boxes: Sequence[Sequence[float]]) -> list[tuple[float, float, float, 
     return list(dict.fromkeys(keys))  # type: ignore[arg-type]
 
 
+@functools.lru_cache(maxsize=4096)
 def read_code(code: str, description: str = "") -> CodeReading:
     """The ops and crop boxes the reference's heuristics read from one call (no LLM).
 
