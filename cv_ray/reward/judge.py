@@ -137,14 +137,12 @@ class JudgeResult:
     cached: bool = False
     """Answered from the cache or by an identical request already in flight."""
     error: str = ""
+    value: Any = None
+    """The parsed reply: the verdict, or a tool-use question's reply text (None when failed)."""
 
 
-@dataclass(frozen=True)
-class _Reply:
-    value: Any
-    failed: bool = False
-    cached: bool = False
-    error: str = ""
+def _result(value: Any, cached: bool = False) -> JudgeResult:
+    return JudgeResult(correct=value is True, cached=cached, value=value)
 
 
 def build_messages(request: JudgeRequest) -> list[dict[str, str]]:
@@ -194,7 +192,7 @@ class JudgeClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: httpx.AsyncClient | None = None
         self._semaphore: asyncio.Semaphore | None = None
-        self._inflight: dict[tuple[str, ...], asyncio.Future[_Reply]] = {}
+        self._inflight: dict[tuple[str, ...], asyncio.Future[JudgeResult]] = {}
         self._sleep = asyncio.sleep
         """Waits out the retry backoff (a seam: tests record the delays instead of timing them)."""
 
@@ -221,26 +219,23 @@ class JudgeClient:
 
     async def judge(self, request: JudgeRequest) -> JudgeResult:
         """One verdict: from the cache, from an identical request in flight, or from the server."""
-        reply = await self._fetch(request)
-        return JudgeResult(correct=bool(reply.value) and not reply.failed, failed=reply.failed, cached=reply.cached,
-                           error=reply.error)
+        return await self._fetch(request)
 
     async def read_tool_use(self, code: str, description: str) -> str | None:
         """The judge's reply text to "which ops does this code use?", or None when it failed."""
-        reply = await self._fetch(ToolUseRequest(code, description))
-        return None if reply.failed else reply.value
+        return (await self._fetch(ToolUseRequest(code, description))).value
 
-    async def _fetch(self, request: JudgeRequest | ToolUseRequest) -> _Reply:
+    async def _fetch(self, request: JudgeRequest | ToolUseRequest) -> JudgeResult:
         key = request.cache_key
         if key in self._cache:
             self.stats["cache_hits"] += 1
-            return _Reply(self._cache[key], cached=True)
+            return _result(self._cache[key], cached=True)
         client, semaphore = self._bind_loop()
         if key in self._inflight:
             self.stats["cache_hits"] += 1
             shared = await asyncio.shield(self._inflight[key])
             return dataclasses.replace(shared, cached=True)
-        future: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[JudgeResult] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
             reply = await self._ask(client, semaphore, request)
@@ -253,7 +248,7 @@ class JudgeClient:
         return reply
 
     async def _ask(self, client: httpx.AsyncClient, semaphore: asyncio.Semaphore,
-                   request: JudgeRequest | ToolUseRequest) -> _Reply:
+                   request: JudgeRequest | ToolUseRequest) -> JudgeResult:
         self.stats["calls"] += 1
         body = {"model": self.cfg.model, "messages": request.messages(), "temperature": 0.0,
                 "max_tokens": request.max_tokens}
@@ -283,10 +278,10 @@ class JudgeClient:
                 error = f"HTTP {exc.response.status_code}"
                 break
             self._cache[request.cache_key] = value
-            return _Reply(value)
+            return _result(value)
         self.stats["failures"] += 1
         log.warning("judge failed for %s: %s", request.describe(), error)
-        return _Reply(None, failed=True, error=error)
+        return JudgeResult(correct=False, failed=True, error=error)
 
     async def _post(self, client: httpx.AsyncClient, body: dict[str, Any], request: JudgeRequest | ToolUseRequest
                     ) -> Any:

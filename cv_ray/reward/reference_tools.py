@@ -175,7 +175,8 @@ def handled_calls(calls: Sequence[CallText]) -> list[ReferenceCall]:
 
 
 def _number_of(expr: str) -> float | None:
-    """A rotate angle or enhance factor: literals, unary +/- and + - * / // % of them; else None.
+    """A rotate angle or enhance factor: literals, unary +/- and + - * / // % of them; else None
+    (the reference's numeric evaluator knows no names, tuples or calls).
 
     Raises what the reference lets escape (float() of an int too large for a float, or of a complex).
     """
@@ -183,26 +184,7 @@ def _number_of(expr: str) -> float | None:
         tree = ast.parse(expr, mode="eval")
     except _PARSE_ERRORS:
         return None
-
-    def value(node: ast.AST) -> float | None:
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, complex)):
-            return float(node.value)  # a complex raises TypeError, as in the reference
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-            operand = value(node.operand)
-            if operand is None:
-                return None
-            return operand if isinstance(node.op, ast.UAdd) else -operand
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            left, right = value(node.left), value(node.right)
-            if left is None or right is None:
-                return None
-            try:
-                return _BINARY[type(node.op)](left, right)
-            except _EVAL_ERRORS:
-                return None
-        return None
-
-    result = value(tree.body)
+    result = _Evaluator({}, numbers_only=True)(tree.body)
     try:
         return None if result is None else float(result)
     except _EVAL_ERRORS:
@@ -215,20 +197,24 @@ _BINARY: dict[type, Callable[[float, float], float]] = {
 }
 
 
-class _BoxEvaluator:
-    """The reference's evaluator for crop arguments: numbers, names bound by earlier assignments,
-    tuples/lists of numbers, arithmetic, and ``int float abs round min max tuple list`` calls.
+class _Evaluator:
+    """The reference's two evaluators of literal arithmetic (numbers, unary +/-, + - * / // %). The
+    one for crop arguments (``numbers_only=False``) also knows names bound by earlier assignments,
+    tuples/lists of numbers and ``int float abs round min max tuple list`` calls.
 
     Values are floats or lists of floats; None means "cannot tell". Errors the reference does not
     catch (``float()`` of a huge int literal or a complex) propagate to the caller.
     """
 
-    def __init__(self, env: dict[str, Any]):
+    def __init__(self, env: dict[str, Any], numbers_only: bool = False):
         self.env = env
+        self.numbers_only = numbers_only
 
     def __call__(self, node: ast.AST) -> Any:
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, complex)):
-            return float(node.value)
+            return float(node.value)  # a complex raises TypeError, as in the reference
+        if self.numbers_only and not isinstance(node, (ast.UnaryOp, ast.BinOp)):
+            return None
         if isinstance(node, ast.Name):
             return self.env.get(node.id)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
@@ -317,7 +303,7 @@ def _by_position(nodes: list[Any]) -> list[Any]:
 
 def _bind(env: dict[str, Any], node: ast.AST) -> None:
     """Replay one assignment into ``env`` the way the reference does (unknown values leave names alone)."""
-    evaluate = _BoxEvaluator(env)
+    evaluate = _Evaluator(env)
     if isinstance(node, ast.Assign):
         value = evaluate(node.value)
         for target in node.targets:
@@ -376,7 +362,7 @@ def _crop_boxes_from_ast(code: str) -> list[list[float]]:
                 pass  # an assignment the reference cannot evaluate binds nothing
             replayed += 1
         try:
-            value = _BoxEvaluator(env)(call.args[0])
+            value = _Evaluator(env)(call.args[0])
         except _EVAL_ERRORS:
             break  # the reference stops reading this code at the first error it does not catch
         if isinstance(value, list) and len(value) == 4:
