@@ -91,9 +91,8 @@ class SkippedRows:
 
     def summary(self) -> str:
         """One message for the log: how many rows were skipped and the first few errors."""
-        lines = [f"skipped {self.count} malformed data row(s) (data.skip_bad_rows=true); the first "
-                 f"{len(self.listed)}:"]
-        return "\n  ".join(lines + self.listed)
+        head = f"skipped {self.count} malformed data row(s) (data.skip_bad_rows=true); the first {len(self.listed)}:"
+        return "\n  ".join([head, *self.listed])
 
 
 def skip_or_raise(error: DataFormatError, skipped: SkippedRows | None) -> None:

@@ -45,8 +45,8 @@ from cv_ray.data.files import (
 )
 from cv_ray.types import SFTExample, Task
 
-__all__ = ["DataError", "DataFileError", "DataFormatError", "SkippedRows", "read_sft", "read_sft_files", "read_tasks",
-           "read_task_files", "write_sft", "write_tasks"]
+__all__ = ["DataError", "DataFileError", "DataFormatError", "SkippedRows", "read_sft", "read_sft_files", "read_task_files",
+           "read_tasks", "write_sft", "write_tasks"]
 
 log = logging.getLogger(__name__)
 

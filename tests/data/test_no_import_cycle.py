@@ -77,7 +77,7 @@ def cycles_through(graph: dict[str, set[str]], prefixes: tuple[str, ...]) -> lis
         members = set(component)
         if (len(component) > 1 or component[0] in graph[component[0]]) and any(
                 m.startswith(p) for m in component for p in prefixes):
-            found.append(_a_cycle(graph, sorted(component)[0], members))
+            found.append(_a_cycle(graph, min(component), members))
     return found
 
 

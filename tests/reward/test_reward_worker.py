@@ -86,7 +86,7 @@ def test_reward_group_scores_with_its_configured_weights(ray_local):
     Necessity: tool users 1/2 right, the tool-free one 1/1 -> max(0, .5 - 1) = 0.
     With reference_compat the calls' code ("...") reads as no op: (a) 1.5, (b) 1.5, (c) 0.5 (float32).
     """
-    weights = dict(w_fmt=0.5, alpha=2.0, beta=0.5, exact_bonus=0.3, gamma=1.0, cpus_per_worker=0.25)
+    weights = {"w_fmt": 0.5, "alpha": 2.0, "beta": 0.5, "exact_bonus": 0.3, "gamma": 1.0, "cpus_per_worker": 0.25}
     t = task(answer="7", task_type="count", required=["rotate_90"])
     rotated, plain, wrong = (_trajectories(["7"], with_rotation=True)[0], _trajectories(["7"])[0],
                              _trajectories(["8"], with_rotation=True)[0])
