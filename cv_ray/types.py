@@ -103,6 +103,12 @@ class ToolCallRecord:
     parse_error_class: str | None = None
     """``malformed_json``, ``unknown_tool``, ``missing_argument``, ``bad_argument``."""
     code: str = ""
+    description: str = ""
+    """The call's ``description`` argument (empty when absent or when the call did not parse)."""
+    payload: str | None = None
+    """The text between ``<tool_call>`` and ``</tool_call>`` exactly as the model wrote it; None for a
+    call without its closing tag. The reference-compatible reward re-reads calls from it with the
+    reference release's own (more lenient) parser."""
     image_index: int = 0
     """Which trajectory image the code ran on."""
     output_index: int | None = None

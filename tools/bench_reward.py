@@ -5,7 +5,8 @@
 1. Dense reward for one RL batch of 64 tasks x 8 samples, no judge, in one process (= one reward
    worker): ``score_group`` with verdicts decided inside by the answer rules (mixed task types:
    ocr, count, choice, general, numeric math), with verdicts given, and with the trajectory ->
-   outcome reduction included. Reported in samples per second (target: >= 10,000).
+   outcome reduction included, and that last case with ``reward.reference_compat`` (ops read from
+   each call's code). Reported in samples per second (target: >= 10,000).
 2. The judge path against the local stub judge (tools/judge_stub_server.py, real HTTP on
    127.0.0.1): one request at a time (latency p50/p95), a batch of distinct requests at the
    configured concurrency (throughput), and cache hits.
@@ -32,6 +33,7 @@ from cv_ray.reward.config import JudgeConfig, RewardConfig
 from cv_ray.reward.dense import score_group
 from cv_ray.reward.judge import JudgeClient, JudgeRequest
 from cv_ray.reward.outcome import outcome_from_trajectory
+from cv_ray.reward.reference_tools import read_code
 from cv_ray.types import ExecResult, Task, ToolCallRecord, Trajectory
 
 N_TASKS, N_SAMPLES = 64, 8
@@ -40,6 +42,10 @@ TASK_KINDS = [("ocr", "hello world", None), ("count", "7", None), ("choice", "B"
 OP_CHOICES = [[], [{"op": "rotate_90"}], [{"op": "crop", "box": [10, 10, 60, 60]}],
               [{"op": "rotate_90"}, {"op": "crop", "box": [5, 5, 40, 50]}],
               [{"op": "contrast_up", "factor": 1.5, "changed": True}], [{"op": "flip_horizontal"}]]
+#: The code of a call, per op choice above: what the reference-compatible reward reads ops from.
+CODE = ["result = image.copy()", "result = image.rotate(90, expand=True)", "result = image.crop((10, 10, 60, 60))",
+        "r = image.rotate(90, expand=True)\nx1, y1 = 5, 5\nresult = r.crop((x1, y1, 40, 50))",
+        "result = ImageEnhance.Contrast(image).enhance(1.5)", "result = ImageOps.mirror(image)"]
 ANSWERS = {"ocr": ["Hello World", "hello word"], "count": ["7", "There are 8"], "choice": ["(B)", "cat"],
            "general": ["Paris", "London"], "math": ["0.75", "0.7"]}
 
@@ -53,9 +59,14 @@ def make_batch(rng: random.Random) -> list[tuple[Task, list[Trajectory]]]:
                     answer_box=[0.0, 0.0, 50.0, 50.0], task_type=task_type)
         trajectories = []
         for s in range(N_SAMPLES):
-            calls = [ToolCallRecord(turn=i, parsed=True, code="...", image_index=0, output_index=i + 1,
-                                    result=ExecResult(ok=True, ops=ops, to_input=identity()))
-                     for i, ops in enumerate(rng.sample(OP_CHOICES, rng.randint(0, 3)))]
+            # every call's code distinct (a comment), so that compat reads each one: no cache hits
+            codes = [(k, f"{CODE[k]}  # {t}-{s}-{i}")
+                     for i, k in enumerate(rng.sample(range(len(OP_CHOICES)), rng.randint(0, 3)))]
+            calls = [ToolCallRecord(turn=i, parsed=True, code=code, image_index=0, output_index=i + 1,
+                                    payload=json.dumps({"name": "code_image_tool",
+                                                        "arguments": {"code": code, "image_index": 0}}),
+                                    result=ExecResult(ok=True, ops=OP_CHOICES[k], to_input=identity()))
+                     for i, (k, code) in enumerate(codes)]
             text = f"<think>step {s}</think>" + "<tool_call>{}</tool_call><think>ok</think>" * len(calls)
             text += f"<answer>{rng.choice(ANSWERS[task_type])}</answer>"
             trajectories.append(Trajectory(
@@ -67,7 +78,7 @@ def make_batch(rng: random.Random) -> list[tuple[Task, list[Trajectory]]]:
 
 
 def bench_dense(repeats: int) -> list[dict]:
-    cfg = RewardConfig()
+    cfg, compat = RewardConfig(), RewardConfig(reference_compat=True)
     batch = make_batch(random.Random(0))
     undecided = [(task, [outcome_from_trajectory(t) for t in trajs]) for task, trajs in batch]
     decided = [(task, [dataclasses.replace(o, correct=i % 2 == 0) for i, o in enumerate(outs)])
@@ -77,6 +88,8 @@ def bench_dense(repeats: int) -> list[dict]:
         "score_group, verdicts given": lambda: [score_group(t, o, cfg) for t, o in decided],
         "outcome_from_trajectory + score_group": lambda: [
             score_group(t, [outcome_from_trajectory(x) for x in trajs], cfg) for t, trajs in batch],
+        "the same, reward.reference_compat": lambda: read_code.cache_clear() or [
+            score_group(t, [outcome_from_trajectory(x) for x in trajs], compat) for t, trajs in batch],
     }
     rows = []
     n = N_TASKS * N_SAMPLES

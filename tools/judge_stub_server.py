@@ -7,10 +7,14 @@ HTTP, and handy for trying ``reward.judge.enabled=true`` without a model server:
     # then: reward.judge.enabled=true reward.judge.base_url=http://127.0.0.1:8000/v1
 
 Its verdict is a rule, not a model: 1 when the prompt's "Model's answer" line contains the ground
-truth line (case-insensitive), else 0. Modes: ``ok``; ``slow`` (waits ``delay_s`` before replying);
+truth line (case-insensitive), else 0; a tool-use question (the reference-compatible reward's) is
+always answered ``TOOL_USE_REPLY``. Modes: ``ok``; ``slow`` (holds each request until ``release()``
+or for ``delay_s``, whichever comes first; leaving the server releases it);
 ``error500`` (always HTTP 500); ``malformed`` (HTTP 200 with a reply that holds no verdict);
 ``flaky`` (HTTP 500 for the first ``fail_first`` requests, then ``ok``). The server counts requests
-(``requests``), the most it served at once (``max_in_flight``), and keeps the last request body and headers, so tests can check retries and cache hits.
+(``requests``), replies sent (``replies``), the most it served at once (``max_in_flight``), and keeps
+the last request body and headers, so tests can check retries, cache hits and timeouts by events,
+not by the clock.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ if TYPE_CHECKING:
 _ANSWER_LINE = re.compile(r"Model's answer: (.*)")
 _TRUTH_LINE = re.compile(r"Ground truth(?: answer| text)?: (.*)")
 MODES = ("ok", "slow", "error500", "malformed", "flaky")
+#: The reply to a tool-use question (its prompt shows the code after "Code:"): a crop of [0, 0, 10, 10].
+TOOL_USE_REPLY = '{"transforms": ["crop"], "crop_boxes": [[0, 0, 10, 10]]}'
 
 
 def rule_verdict(prompt: str) -> str:
@@ -54,6 +60,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _reply(self, status: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload).encode()
+        with self.server._lock:
+            self.server.replies += 1
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -77,9 +85,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, completion("I am not sure, it could be either."))
         else:
             if mode == "slow":
-                time.sleep(delay_s)
+                self.server.gate.wait(delay_s)
             prompt = "\n".join(m.get("content", "") for m in body.get("messages", []))
-            self._reply(200, completion(rule_verdict(prompt)))
+            self._reply(200, completion(TOOL_USE_REPLY if prompt.count("Code:\n") else rule_verdict(prompt)))
 
 
 class JudgeStubServer(ThreadingHTTPServer):
@@ -96,7 +104,10 @@ class JudgeStubServer(ThreadingHTTPServer):
         self.delay_s = delay_s
         self.fail_first = fail_first
         self.requests = 0
+        self.replies = 0
         self.client_errors = 0
+        self.gate = threading.Event()
+        """Set by ``release()``: ``slow`` requests stop waiting."""
         self.in_flight = 0
         self.max_in_flight = 0
         self.last_body: dict[str, Any] = {}
@@ -130,7 +141,12 @@ class JudgeStubServer(ThreadingHTTPServer):
         self._thread.start()
         return self
 
+    def release(self) -> None:
+        """Let every held ``slow`` request reply now."""
+        self.gate.set()
+
     def __exit__(self, *exc: object) -> None:
+        self.release()
         self.shutdown()
         self.server_close()
 

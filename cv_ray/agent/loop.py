@@ -224,7 +224,8 @@ class AgentLoop:
         new_images: list[Image.Image] = []
         for call in calls:
             if not call.ok:
-                ep.tool_calls.append(ToolCallRecord(turn=turn, parsed=False, parse_error_class=call.error_class))
+                ep.tool_calls.append(ToolCallRecord(turn=turn, parsed=False, parse_error_class=call.error_class,
+                                                    payload=call.payload))
                 contents.append(tool_error_content(call.error))
                 continue
             started = time.perf_counter()
@@ -236,6 +237,7 @@ class AgentLoop:
                 new_images.append(resize_for_model(result.image, self.cfg.tool_image_min_pixels,
                                                    self.cfg.tool_image_max_pixels))
             contents.append(tool_response_content(result, output_index))
-            ep.tool_calls.append(ToolCallRecord(turn=turn, parsed=True, code=call.code, image_index=call.image_index,
+            ep.tool_calls.append(ToolCallRecord(turn=turn, parsed=True, code=call.code, description=call.description,
+                                                payload=call.payload, image_index=call.image_index,
                                                 output_index=output_index, result=replace(result, image=None)))
         return contents, new_images

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cv_ray.agent.prompts import TOOL_NAME
 
@@ -38,6 +38,8 @@ class ParsedToolCall:
     description: str = ""
     error_class: str | None = None
     error: str = ""
+    payload: str | None = None
+    """The text between the tags exactly as written (None for a call without its closing tag)."""
 
     @property
     def ok(self) -> bool:
@@ -101,7 +103,7 @@ def parse_tool_calls(text: str) -> list[ParsedToolCall]:
 
     A ``<tool_call>`` without its closing tag counts as one malformed call.
     """
-    calls = [parse_call_payload(m.group(1).strip()) for m in _CALL_BLOCK.finditer(text)]
+    calls = [replace(parse_call_payload(m.group(1).strip()), payload=m.group(1)) for m in _CALL_BLOCK.finditer(text)]
     rest = _CALL_BLOCK.sub("", text)
     if _CALL_OPEN in rest:
         calls.append(_fail("malformed_json", f"the tool call is not closed with {_CALL_CLOSE}."))

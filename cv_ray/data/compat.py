@@ -2,13 +2,19 @@
 
 * RL / MVToolBench Parquet (verl layout): ``data_source``, ``prompt`` (chat list whose user text
   carries ``<image>`` markers), ``images`` (list of ``{bytes, path}``), ``reward_model.ground_truth``,
-  ``extra_info`` {``answer``, ``bbox``, ``question``, ``transform``, ``index``, ``split``,
-  ``dataset_name``}. ``transform`` names the corruption applied to the image; each becomes its fix
-  (``rotate_X`` needs ``rotate_(360-X)``, flips are their own inverse; ``crop`` is kept as ``crop``).
-  ``bbox`` is taken as given: in the pixel frame of the image the model sees.
+  ``extra_info`` {``answer``, ``bbox`` or ``bbox_2d``, ``question``, ``transform``, ``index``,
+  ``split``, ``dataset_name``}. ``transform`` names the corruption applied to the image (a name, a
+  list of names, JSON of a list, ``"none"``, empty or absent); each becomes its fix (``rotate_X``
+  needs ``rotate_(360-X)``, flips are their own inverse; ``crop`` is kept as ``crop``). The box is
+  ``bbox``, or ``bbox_2d`` when ``bbox`` is absent or null, taken as given: in the pixel frame of
+  the image the model sees. The raw ``transform``, ``bbox`` and ``bbox_2d`` (and a ground truth
+  that is not text) are kept in ``Task.extra["reference"]``: the reference-compatible reward reads
+  them exactly as the reference does.
 * LLaMA-Factory ShareGPT SFT JSON: ``conversations`` [{``from``: human | gpt | tool (also
   ``observation`` / ``function_call``), ``value``}], ``images`` (paths relative to the file),
   ``system``; ``<image>`` markers in values, in image order. Read and written.
+
+Bad files and rows are handled as in ``files.py`` (readers take an optional ``SkippedRows``).
 """
 
 from __future__ import annotations
@@ -23,15 +29,19 @@ from PIL import Image
 
 from cv_ray.agent.prompts import TOOL_SCHEMA
 from cv_ray.agent.tool_format import format_tool_call
-from cv_ray.data.records import (
+from cv_ray.data.files import (
     DataFormatError,
     ImageDir,
+    SkippedRows,
+    convert_rows,
     decode_image,
     iter_jsonl_rows,
     iter_parquet_rows,
     load_image_file,
+    read_json_array,
     require,
     require_box,
+    skip_or_raise,
 )
 from cv_ray.types import SFTExample, Task
 
@@ -126,11 +136,10 @@ def reference_row_to_task(row: dict[str, Any], path: Path, index: int) -> Task:
     raw_images = require(row, "images", list, path, index)
     if markers != len(raw_images):
         raise DataFormatError(path, index, "images", f"{len(raw_images)} images for {markers} <image> markers")
-    answer = reward_model.get("ground_truth", extra.get("answer"))
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        answer = str(answer)
+    raw_answer = reward_model.get("ground_truth", extra.get("answer"))
+    answer = str(raw_answer) if isinstance(raw_answer, (int, float)) and not isinstance(raw_answer, bool) else raw_answer
     if not isinstance(answer, str):
-        raise DataFormatError(path, index, "reward_model.ground_truth", "missing or not a string")
+        raise DataFormatError(path, index, "reward_model.ground_truth", "missing or not a string or number")
     try:
         required_ops = transform_fixes(extra.get("transform"))
     except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
@@ -140,21 +149,33 @@ def reference_row_to_task(row: dict[str, Any], path: Path, index: int) -> Task:
         raise DataFormatError(path, index, "extra_info.question", "missing, and the prompt has no user text")
     dataset = extra.get("dataset_name") or data_source
     split = extra.get("split") if isinstance(extra.get("split"), str) else "train"
+    raw = {k: v for k, v in extra.items() if k in _KEPT_EXTRA}
+    if raw_answer is not answer:
+        raw["ground_truth"] = raw_answer  # the reference's rules never match a number; keep the type
     return Task(
         uid=f"{dataset}-{split}-{extra.get('index', index)}", data_source=data_source, question=question,
         images=[_reference_image(item, path, index, f"images[{k}]") for k, item in enumerate(raw_images)],
-        answer=answer, required_ops=required_ops,
-        answer_box=require_box({"extra_info.bbox": extra.get("bbox")}, "extra_info.bbox", path, index),
-        task_type=_reference_task_type(data_source, extra), split=split,
-        extra={"reference": {k: v for k, v in extra.items() if k in ("transform", "index", "dataset_name")}},
+        answer=answer, required_ops=required_ops, answer_box=_reference_box(extra, path, index),
+        task_type=_reference_task_type(data_source, extra), split=split, extra={"reference": raw},
     )
 
 
-def read_reference_rl(path: str | Path) -> Iterator[Task]:
-    """Stream Tasks from the reference's RL / MVToolBench Parquet layout."""
+#: ``extra_info`` fields kept as given in ``Task.extra["reference"]`` (what the reference's reward reads).
+_KEPT_EXTRA = ("transform", "bbox", "bbox_2d", "index", "dataset_name")
+
+
+def _reference_box(extra: dict[str, Any], path: Path, index: int) -> list[float] | None:
+    """``bbox``, or ``bbox_2d`` when ``bbox`` is absent or null (a Parquet struct gives every row both
+    fields once any row has them)."""
+    field = "bbox" if extra.get("bbox") is not None else "bbox_2d"
+    return require_box({f"extra_info.{field}": extra.get(field)}, f"extra_info.{field}", path, index)
+
+
+def read_reference_rl(path: str | Path, skipped: SkippedRows | None = None) -> Iterator[Task]:
+    """Stream Tasks from the reference's RL / MVToolBench Parquet layout (bad rows: see ``files.py``)."""
     path = Path(path)
-    for index, row in iter_parquet_rows(path):
-        yield reference_row_to_task(row, path, index)
+    yield from convert_rows(iter_parquet_rows(path), lambda row, index: reference_row_to_task(row, path, index),
+                            skipped)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,23 +255,23 @@ def sharegpt_to_example(record: dict[str, Any], path: Path, index: int) -> SFTEx
     return SFTExample(uid=uid, messages=messages, images=images, kind=kind, task_uid=task_uid)
 
 
-def read_sharegpt(path: str | Path) -> Iterator[SFTExample]:
+def read_sharegpt(path: str | Path, skipped: SkippedRows | None = None) -> Iterator[SFTExample]:
     """ShareGPT records from a JSON array (``.json``) or one record per line (``.jsonl``)."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        for index, record in iter_jsonl_rows(path):
-            yield sharegpt_to_example(record, path, index)
+        yield from convert_rows(iter_jsonl_rows(path, skipped),
+                                lambda record, index: sharegpt_to_example(record, path, index), skipped)
         return
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DataFormatError(path, 0, "<file>", f"invalid JSON ({error.msg} at line {error.lineno})") from error
-    if not isinstance(records, list):
-        raise DataFormatError(path, 0, "<file>", "expected a JSON array of records")
-    for index, record in enumerate(records):
+    for index, record in enumerate(read_json_array(path)):
         if not isinstance(record, dict):
-            raise DataFormatError(path, index, "<record>", "expected a JSON object")
-        yield sharegpt_to_example(record, path, index)
+            skip_or_raise(DataFormatError(path, index, "<record>", "expected a JSON object"), skipped)
+            continue
+        try:
+            example = sharegpt_to_example(record, path, index)
+        except DataFormatError as error:
+            skip_or_raise(error, skipped)
+            continue
+        yield example
 
 
 def write_sharegpt(examples: Iterable[SFTExample], path: str | Path) -> int:

@@ -36,6 +36,10 @@ class DataConfig:
     """Extra RL task files (our Parquet/JSONL, or the reference's parquet layout)."""
     sft_files: list[str] = field(default_factory=list)
     """Extra SFT files (our JSONL or LLaMA-Factory ShareGPT JSON)."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows of the task and SFT files read (counted; the first 5 errors are logged)
+    instead of stopping at the first; every other row is kept. A file that cannot be read at all
+    always stops the run."""
 
     def validate(self, prefix: str = "data") -> None:
         for name in ("num_rl_tasks", "num_sft_trajectories", "num_val_tasks", "suite_size"):

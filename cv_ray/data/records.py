@@ -5,16 +5,17 @@
 * JSONL: one JSON object per line, images as PNG files in ``<stem>_images/`` beside the file, named
   by path relative to the JSONL file. Read line by line.
 
-A malformed row raises :class:`DataFormatError` naming the file, the row (0-based) and the field.
-``read_tasks`` / ``read_sft`` auto-detect our formats and the reference layouts (``compat``).
+``read_tasks`` / ``read_sft`` auto-detect our formats and the reference layouts (``compat.py``);
+``read_task_files`` / ``read_sft_files`` read lists of files with ``data.skip_bad_rows``. A file
+that cannot be read is a :class:`DataFileError`; a malformed row a :class:`DataFormatError` naming
+the file, the row (0-based) and the field, or a skipped row (``files.py``).
 """
 
 from __future__ import annotations
 
-import io
 import json
-import re
-from collections.abc import Callable, Iterable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cv_ray.data.compat import REFERENCE_RL_COLUMNS, read_reference_rl, read_sharegpt
+from cv_ray.data.files import (
+    PARQUET_BATCH_ROWS,
+    DataError,
+    DataFileError,
+    DataFormatError,
+    ImageDir,
+    SkippedRows,
+    convert_rows,
+    decode_image,
+    iter_jsonl_rows,
+    iter_parquet_rows,
+    json_field,
+    load_image_file,
+    parquet_columns,
+    png_bytes,
+    require,
+    require_box,
+    require_str_list,
+)
 from cv_ray.types import SFTExample, Task
 
-PNG_COMPRESS_LEVEL = 1
-"""zlib level for stored PNGs: level 1 is ~5x faster to write than 6 for ~20% more bytes."""
-PARQUET_BATCH_ROWS = 64
+__all__ = ["DataError", "DataFileError", "DataFormatError", "SkippedRows", "read_sft", "read_sft_files", "read_task_files",
+           "read_tasks", "write_sft", "write_tasks"]
+
+log = logging.getLogger(__name__)
 
 TASK_SCHEMA = pa.schema([
     ("uid", pa.string()), ("data_source", pa.string()), ("question", pa.string()), ("images", pa.list_(pa.binary())),
@@ -38,115 +60,6 @@ SFT_SCHEMA = pa.schema([
     ("uid", pa.string()), ("messages", pa.string()), ("images", pa.list_(pa.binary())), ("kind", pa.string()),
     ("task_uid", pa.string()),
 ])
-
-
-class DataFormatError(ValueError):
-    """A record in a data file is malformed. The message names the file, the row and the field."""
-
-    def __init__(self, path: str | Path, row: int, field: str, problem: str):
-        self.path, self.row, self.field = str(path), row, field
-        super().__init__(f"{path}: row {row}: field `{field}`: {problem}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# images
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
-
-
-def decode_image(data: bytes, path: str | Path, row: int, field: str) -> Image.Image:
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DataFormatError(path, row, field, f"not a readable image ({error})") from error
-    return image
-
-
-def load_image_file(file: Path, path: str | Path, row: int, field: str) -> Image.Image:
-    try:
-        with Image.open(file) as image:
-            image.load()
-            return image
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DataFormatError(path, row, field, f"cannot read image file {file} ({error})") from error
-
-
-def _safe_name(uid: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", uid)[:120]
-
-
-class ImageDir:
-    """Writes the PNG files of a JSONL dataset into ``<stem>_images/`` and names them relative to the file."""
-
-    def __init__(self, jsonl_path: Path):
-        self.base = jsonl_path.parent
-        self.dir = jsonl_path.parent / f"{jsonl_path.stem}_images"
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def relative(self, uid: str, index: int) -> str:
-        """The file name of image ``index`` of record ``uid``, relative to the data file."""
-        return f"{self.dir.name}/{_safe_name(uid)}_{index}.png"
-
-    def save(self, uid: str, index: int, image: Image.Image) -> str:
-        name = self.relative(uid, index)
-        image.save(self.base / name, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        return name
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# field checks shared by every reader
-
-
-def require(row: dict[str, Any], field: str, kinds: type | tuple[type, ...], path: str | Path, index: int,
-            optional: bool = False) -> Any:
-    """``row[field]`` checked against ``kinds``; raises DataFormatError naming file, row and field."""
-    if field not in row or row[field] is None:
-        if optional:
-            return None
-        raise DataFormatError(path, index, field, "missing")
-    value = row[field]
-    if not isinstance(value, kinds):
-        expected = kinds.__name__ if isinstance(kinds, type) else " or ".join(k.__name__ for k in kinds)
-        raise DataFormatError(path, index, field, f"expected {expected}, got {type(value).__name__}")
-    return value
-
-
-def require_str_list(row: dict[str, Any], field: str, path: str | Path, index: int,
-                     optional: bool = False) -> list[str] | None:
-    values = require(row, field, list, path, index, optional)
-    if values is not None and not all(isinstance(v, str) for v in values):
-        raise DataFormatError(path, index, field, "expected a list of strings")
-    return values
-
-
-def require_box(row: dict[str, Any], field: str, path: str | Path, index: int) -> list[float] | None:
-    box = require(row, field, list, path, index, optional=True)
-    if box is None:
-        return None
-    if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-        raise DataFormatError(path, index, field, f"expected 4 numbers [x1, y1, x2, y2], got {box!r}")
-    box = [float(v) for v in box]
-    if box[2] < box[0] or box[3] < box[1]:
-        raise DataFormatError(path, index, field, f"box {box} has x2 < x1 or y2 < y1")
-    return box
-
-
-def _json_field(row: dict[str, Any], field: str, kind: type, path: str | Path, index: int) -> Any:
-    """A field stored as JSON text in Parquet and as a native value in JSONL."""
-    value = row.get(field)
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise DataFormatError(path, index, field, f"invalid JSON ({error.msg})") from error
-    if not isinstance(value, kind):
-        raise DataFormatError(path, index, field, f"expected {kind.__name__}, got {type(value).__name__}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,7 +87,7 @@ def _row_task(row: dict[str, Any], load: Callable[[Any, str], Image.Image], path
         required_ops=require_str_list(row, "required_ops", path, index),
         answer_box=require_box(row, "answer_box", path, index),
         task_type=require(row, "task_type", str, path, index), split=require(row, "split", str, path, index),
-        extra=_json_field(row, "extra", dict, path, index),
+        extra=json_field(row, "extra", dict, path, index),
     )
 
 
@@ -189,7 +102,7 @@ def count_image_parts(messages: list[dict[str, Any]]) -> int:
 
 
 def _row_sft(row: dict[str, Any], load: Callable[[Any, str], Image.Image], path: str | Path, index: int) -> SFTExample:
-    messages = _json_field(row, "messages", list, path, index)
+    messages = json_field(row, "messages", list, path, index)
     for k, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool"):
             raise DataFormatError(path, index, f"messages[{k}]", "expected {role: system|user|assistant|tool, ...}")
@@ -267,34 +180,6 @@ def write_sft(examples: Iterable[SFTExample], path: str | Path) -> int:
 # readers
 
 
-def iter_parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(row index, row dict)`` streamed batch by batch."""
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-        for row in batch.to_pylist():
-            yield index, row
-            index += 1
-
-
-def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(row index, row dict)`` line by line; blank lines are skipped but keep their row number."""
-    with path.open(encoding="utf-8") as lines:
-        for index, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataFormatError(path, index, "<line>", f"invalid JSON ({error.msg})") from error
-            if not isinstance(row, dict):
-                raise DataFormatError(path, index, "<line>", "expected a JSON object")
-            yield index, row
-
-
-def parquet_columns(path: Path) -> set[str]:
-    return set(pq.ParquetFile(path).schema_arrow.names)
-
-
 def _parquet_loader(path: Path, index: int) -> Callable[[Any, str], Image.Image]:
     def load(item: Any, field: str) -> Image.Image:
         if not isinstance(item, bytes):
@@ -311,39 +196,66 @@ def _file_loader(path: Path, index: int) -> Callable[[Any, str], Image.Image]:
     return load
 
 
-def read_tasks(path: str | Path) -> Iterator[Task]:
-    """Stream tasks from our Parquet/JSONL or the reference's RL/MVToolBench Parquet layout."""
-    from cv_ray.data.compat import REFERENCE_RL_COLUMNS, read_reference_rl
+def _unknown_suffix(path: Path, known: str) -> DataFileError:
+    return DataFileError(path, f"unknown data format {path.suffix!r}", f"Use {known} (the suffix picks the reader).")
 
+
+def read_tasks(path: str | Path, skipped: SkippedRows | None = None) -> Iterator[Task]:
+    """Stream tasks from our Parquet/JSONL or the reference's RL/MVToolBench Parquet layout.
+
+    A malformed row raises DataFormatError, or is recorded in ``skipped`` and passed over when given.
+    """
     path = Path(path)
     if path.suffix == ".parquet":
         if REFERENCE_RL_COLUMNS <= parquet_columns(path):
-            yield from read_reference_rl(path)
+            yield from read_reference_rl(path, skipped)
             return
-        for index, row in iter_parquet_rows(path):
-            yield _row_task(row, _parquet_loader(path, index), path, index)
+        yield from convert_rows(iter_parquet_rows(path),
+                                lambda row, index: _row_task(row, _parquet_loader(path, index), path, index), skipped)
     elif path.suffix == ".jsonl":
-        for index, row in iter_jsonl_rows(path):
-            yield _row_task(row, _file_loader(path, index), path, index)
+        yield from convert_rows(iter_jsonl_rows(path, skipped),
+                                lambda row, index: _row_task(row, _file_loader(path, index), path, index), skipped)
     else:
-        raise ValueError(f"{path}: unknown task file format {path.suffix!r}; use .parquet or .jsonl")
+        raise _unknown_suffix(path, ".parquet or .jsonl")
 
 
-def read_sft(path: str | Path) -> Iterator[SFTExample]:
-    """Stream SFT examples from our Parquet/JSONL or LLaMA-Factory ShareGPT JSON (``.json``)."""
-    from cv_ray.data.compat import read_sharegpt
-
+def read_sft(path: str | Path, skipped: SkippedRows | None = None) -> Iterator[SFTExample]:
+    """Stream SFT examples from our Parquet/JSONL or LLaMA-Factory ShareGPT JSON (``.json``, or
+    ``.jsonl`` with one ShareGPT record per line). Bad rows as in :func:`read_tasks`."""
     path = Path(path)
     if path.suffix == ".parquet":
-        for index, row in iter_parquet_rows(path):
-            yield _row_sft(row, _parquet_loader(path, index), path, index)
+        yield from convert_rows(iter_parquet_rows(path),
+                                lambda row, index: _row_sft(row, _parquet_loader(path, index), path, index), skipped)
     elif path.suffix == ".jsonl":
-        for index, row in iter_jsonl_rows(path):
-            if "conversations" in row:  # ShareGPT written one record per line
-                yield from read_sharegpt(path)
-                return
-            yield _row_sft(row, _file_loader(path, index), path, index)
+        rows = iter_jsonl_rows(path, SkippedRows())  # the layout is the first readable row's
+        first = next(rows, None)
+        rows.close()
+        if first is not None and "conversations" in first[1]:
+            yield from read_sharegpt(path, skipped)
+            return
+        yield from convert_rows(iter_jsonl_rows(path, skipped),
+                                lambda row, index: _row_sft(row, _file_loader(path, index), path, index), skipped)
     elif path.suffix == ".json":
-        yield from read_sharegpt(path)
+        yield from read_sharegpt(path, skipped)
     else:
-        raise ValueError(f"{path}: unknown SFT file format {path.suffix!r}; use .parquet, .jsonl or .json")
+        raise _unknown_suffix(path, ".parquet, .jsonl or .json")
+
+
+def _read_files(paths: Sequence[str | Path], read: Callable[[Path, SkippedRows | None], Iterator[Any]],
+                skip_bad_rows: bool) -> list[Any]:
+    skipped = SkippedRows() if skip_bad_rows else None
+    records = [record for path in paths for record in read(Path(path), skipped)]
+    if skipped is not None and skipped.count:
+        log.warning(skipped.summary())
+    return records
+
+
+def read_task_files(paths: Sequence[str | Path], skip_bad_rows: bool = False) -> list[Task]:
+    """Every task of ``paths``; with ``skip_bad_rows`` (``data.skip_bad_rows``) malformed rows are
+    skipped, counted and the first few logged, and every other row is kept."""
+    return _read_files(paths, read_tasks, skip_bad_rows)
+
+
+def read_sft_files(paths: Sequence[str | Path], skip_bad_rows: bool = False) -> list[SFTExample]:
+    """Every SFT example of ``paths``; bad rows as in :func:`read_task_files`."""
+    return _read_files(paths, read_sft, skip_bad_rows)

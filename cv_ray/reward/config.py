@@ -16,7 +16,9 @@ from cv_ray.errors import ConfigError, require_at_least, require_positive
 @dataclass
 class JudgeConfig:
     enabled: bool = False
-    """Ask an LLM judge (OpenAI-compatible chat API) when the answer rules fail."""
+    """Ask an LLM judge (OpenAI-compatible chat API) when the answer rules fail. With
+    reward.reference_compat it is also asked, as the reference asks, which ops a call used when the
+    code's text shows none."""
     base_url: str = "http://127.0.0.1:8000/v1"
     """Server root, e.g. a vLLM or SGLang server's `/v1`."""
     model: str = "judge"
@@ -54,8 +56,9 @@ class RewardConfig:
     crop_gate: float = 0.1
     """When crop is required and R_mandatory is below this, R_acc is multiplied by R_mandatory."""
     reference_compat: bool = False
-    """Reproduce the reference formula exactly, flaws included (crop IoU in the wrong frame,
-    R_emerge for trivial ops), for comparison runs."""
+    """Score exactly as the reference release, flaws included (ops guessed from the code's text, crop
+    boxes in the wrong frame, its answer and format rules, float32 totals), for comparison runs.
+    Every departure of the default is listed in docs/reward.md."""
     math_timeout_s: int = 2
     """Seconds math-verify may spend parsing or comparing one answer (whole seconds: SIGALRM)."""
     num_workers: int = 1

@@ -6,26 +6,29 @@ For a task with required ops E and a sample that used ops U (see docs/reward.md)
               + b_exact·R_exact + b_emerge·R_emerge − γ·(C_usage + R_spurious)
 
 Every term is stored unweighted in ``RewardBreakdown.terms`` (R_exact and R_emerge as 0/1
-indicators; their weights are the bonuses 0.1 and 0.2); log-only numbers go to ``stats``. Two variants read the ops differently,
-chosen by ``RewardConfig.reference_compat`` from :data:`OP_RULES`:
+indicators; their weights are the bonuses 0.1 and 0.2); log-only numbers go to ``stats``. Two
+variants, chosen by ``RewardConfig.reference_compat`` from :data:`VARIANTS`:
 
-* ``fixed`` (default): only successful calls' ops count; crop IoU is taken in image 0's frame;
-  R_emerge needs a non-core op other than ``resize``/``pad`` that changed the image.
-* ``reference``: the reference release's formula, flaws included: every reported op counts; the
-  crop box is compared as-is in whatever frame it was made; any non-core op name earns R_emerge.
+* ``fixed`` (default, this module): the ops the sandbox verified, of successful calls only, crop
+  IoU in image 0's frame, R_emerge only for a non-core op other than ``resize``/``pad`` that changed
+  the image, and our answer and format rules;
+* ``reference`` (``reference.py``): the reference release's reward exactly, flaws included: ops
+  read from the code's text, boxes in whatever frame the code wrote them, its answer, format and
+  rounding rules.
 
 Entry point: :func:`score_group`. The term functions below take plain numbers and sets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cv_ray.geometry import iou
 from cv_ray.reward.answer import check_answer, extract_answer
 from cv_ray.reward.config import RewardConfig
 from cv_ray.reward.format import format_reward
 from cv_ray.reward.outcome import SampleOutcome, UsedOp
+from cv_ray.reward.reference import necessity_terms, score_group_reference
 from cv_ray.types import CORE_OPS, ORIENTATION_OPS, Box, RewardBreakdown, Task
 
 #: Ops that never earn R_emerge in the fixed variant: resizing and padding show the model nothing new
@@ -33,37 +36,15 @@ from cv_ray.types import CORE_OPS, ORIENTATION_OPS, Box, RewardBreakdown, Task
 TRIVIAL_OPS: frozenset[str] = frozenset({"resize", "pad"})
 
 
-# ---------------------------------------------------------------------------------------------
-# How a variant reads a sample's ops.
+def counts(op: UsedOp) -> bool:
+    """Whether an op counts in the fixed variant: it reached the model (its call succeeded) and the
+    sandbox verified it against the pixels."""
+    return op.call_ok and op.verified
 
 
-class FixedOpRules:
-    """Our reading: what actually reached the model, in one frame."""
-
-    def counts(self, op: UsedOp) -> bool:
-        return op.call_ok and op.verified
-
-    def crop_box(self, op: UsedOp) -> Box | None:
-        return op.box
-
-    def emerges(self, op: UsedOp) -> bool:
-        return op.name not in CORE_OPS and op.name not in TRIVIAL_OPS and op.changed
-
-
-class ReferenceOpRules:
-    """The reference release's reading (for comparison runs): every op, raw boxes, any name."""
-
-    def counts(self, op: UsedOp) -> bool:
-        return True
-
-    def crop_box(self, op: UsedOp) -> Box | None:
-        return op.raw_box
-
-    def emerges(self, op: UsedOp) -> bool:
-        return op.name not in CORE_OPS
-
-
-OP_RULES: dict[str, FixedOpRules | ReferenceOpRules] = {"fixed": FixedOpRules(), "reference": ReferenceOpRules()}
+def emerges(op: UsedOp) -> bool:
+    """Whether an op earns R_emerge in the fixed variant: a non-core op that did something new."""
+    return op.name not in CORE_OPS and op.name not in TRIVIAL_OPS and op.changed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,20 +95,6 @@ def spurious_term(required: set[str], used: set[str]) -> float:
     return float(len(used & ORIENTATION_OPS))
 
 
-def necessity_terms(correct: Sequence[bool], used_tool: Sequence[bool]) -> list[float]:
-    """The group term R_necessity, one value per sample.
-
-    Paid only when some samples used no tool and fewer than 2 of those were correct: then every
-    correct tool-using sample gets max(0, accuracy with tools − accuracy without tools).
-    """
-    with_tools = [c for c, t in zip(correct, used_tool) if t]
-    without_tools = [c for c, t in zip(correct, used_tool) if not t]
-    if not with_tools or not without_tools or sum(without_tools) >= 2:
-        return [0.0] * len(correct)
-    gain = max(0.0, sum(with_tools) / len(with_tools) - sum(without_tools) / len(without_tools))
-    return [gain if c and t else 0.0 for c, t in zip(correct, used_tool)]
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -139,28 +106,25 @@ def term_weights(cfg: RewardConfig) -> dict[str, float]:
     }
 
 
-def score_group(task: Task, samples: Sequence[SampleOutcome], cfg: RewardConfig) -> list[RewardBreakdown]:
-    """The reward of each sample of one GRPO group (all samples of ``task``), in order.
-
-    Samples with ``correct=None`` are decided here by the answer rules (math-verify included; no
-    judge). ``terms``: the eight terms, unweighted; ``stats``: ``iou``, ``calls`` and ``tool_errors``.
-    """
-    rules = OP_RULES["reference" if cfg.reference_compat else "fixed"]
+def score_group_fixed(task: Task, samples: Sequence[SampleOutcome], cfg: RewardConfig) -> list[RewardBreakdown]:
+    """The fixed variant for one group. Samples with ``correct=None`` are decided here by our answer
+    rules (math-verify included; no judge)."""
     weights = term_weights(cfg)
     required = set(task.required_ops)
     crop_required = "crop" in required
 
     per_sample: list[tuple[dict[str, float], dict[str, float]]] = []
     verdicts: list[bool] = []
+    gated: list[bool] = []
     for sample in samples:
         correct = sample.correct
         if correct is None:
             verdict = check_answer(extract_answer(sample.response_text), task.answer, task.task_type, task.choices,
                                    cfg.math_timeout_s)
             correct = bool(verdict.correct)
-        counted = [op for op in sample.ops if rules.counts(op)]
+        counted = [op for op in sample.ops if counts(op)]
         used = {op.name for op in counted}
-        crops = [rules.crop_box(op) for op in counted if op.name == "crop"]
+        crops = [op.box for op in counted if op.name == "crop"]
         if task.answer_box is not None:
             crop_score = best_crop_iou(crops, task.answer_box)
         else:  # no region to compare with: a crop counts as done
@@ -171,23 +135,41 @@ def score_group(task: Task, samples: Sequence[SampleOutcome], cfg: RewardConfig)
             "fmt": format_reward(sample.response_text),
             "mandatory": mandatory,
             "exact": exact_term(required, used),
-            "emerge": 1.0 if correct and any(rules.emerges(op) for op in counted) else 0.0,
+            "emerge": 1.0 if correct and any(emerges(op) for op in counted) else 0.0,
             "usage": usage_term(sample.num_code_calls, len(required), cfg.free_calls),
             "spurious": spurious_term(required, used),
         }
-        stats = {"iou": crop_score, "calls": float(sample.num_code_calls),
-                 "tool_errors": float(sample.num_tool_errors)}
+        calls, errors = sample.num_code_calls, sample.num_tool_errors
+        stats = {"iou": crop_score, "calls": float(calls), "tool_errors": float(errors),
+                 "exec": (calls - errors) / calls if calls else 0.0}
         per_sample.append((terms, stats))
         verdicts.append(correct)
+        gated.append(crop_required and mandatory < cfg.crop_gate)
 
     necessity = necessity_terms(verdicts, [s.num_code_calls > 0 for s in samples])
     breakdowns = []
-    for (terms, stats), correct, sample, necessity_value in zip(per_sample, verdicts, samples, necessity):
-        terms["necessity"] = necessity_value
+    for (terms, stats), correct, sample, necessity_value, gate in zip(per_sample, verdicts, samples, necessity, gated):
+        # The crop gate discounts a right answer read from the wrong region; it earns no necessity either.
+        terms["necessity"] = 0.0 if gate else necessity_value
         total = sum(weight * terms[name] for name, weight in weights.items())
         breakdowns.append(RewardBreakdown(total=total, terms=terms, stats=stats, correct=correct,
                                           judge_failed=sample.judge_failed))
     return breakdowns
+
+
+Scorer = Callable[[Task, Sequence[SampleOutcome], RewardConfig], list[RewardBreakdown]]
+
+#: The two variants of the reward (``reward.reference_compat`` picks ``reference``).
+VARIANTS: dict[str, Scorer] = {"fixed": score_group_fixed, "reference": score_group_reference}
+
+
+def score_group(task: Task, samples: Sequence[SampleOutcome], cfg: RewardConfig) -> list[RewardBreakdown]:
+    """The reward of each sample of one GRPO group (all samples of ``task``), in order.
+
+    Samples with ``correct=None`` are decided here by the variant's answer rules (no judge).
+    ``terms``: the eight terms, unweighted; ``stats``: ``iou``, ``calls``, ``tool_errors``, ``exec``.
+    """
+    return VARIANTS["reference" if cfg.reference_compat else "fixed"](task, samples, cfg)
 
 
 def mean_breakdown(breakdowns: Sequence[RewardBreakdown]) -> dict[str, float]:

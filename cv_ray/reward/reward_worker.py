@@ -40,7 +40,7 @@ class RewardWorker:
 
     async def score_outcomes(self, task: Task, outcomes: Sequence[SampleOutcome]) -> list[RewardBreakdown]:
         """Like :meth:`score`, for samples already reduced to outcomes."""
-        resolved = await self.resolver.resolve(task, outcomes)
+        resolved = await self.resolver.resolve(task, outcomes, self.cfg.reference_compat)
         return score_group(task, resolved, self.cfg)
 
     def stats(self) -> dict[str, int]:

@@ -30,7 +30,9 @@ def run(codec, turns, tools, cfg=None, task=None):
 
 
 def test_lineage_maps_a_crop_of_a_rotated_output_back_to_image_0(codecs, sandbox_tools):
-    t = run(codecs["qwen2_5_vl"], [format_tool_call(ROTATE_90, 0), format_tool_call(CROP, 1), ANSWER], sandbox_tools)
+    t = run(codecs["qwen2_5_vl"], [format_tool_call(ROTATE_90, 0, "turn it"), format_tool_call(CROP, 1), ANSWER],
+            sandbox_tools)
+    assert [c.description for c in t.tool_calls] == ["turn it", ""]
     assert [im.size for im in t.images] == [(64, 48), (48, 64), (32, 24)]
     assert t.image_parent == [None, 0, 1]
     assert [c.output_index for c in t.tool_calls] == [1, 2]
@@ -71,6 +73,9 @@ def test_error_metrics(codecs, sandbox_tools):
     bad = "<tool_call>\n{oops\n</tool_call>"
     t = run(codecs["qwen3_vl"], [bad, format_tool_call(FAILING, 0) + format_tool_call(CROP, 9), ANSWER], sandbox_tools)
     assert [c.parse_error_class for c in t.tool_calls] == ["malformed_json", None, None]
+    # each record keeps the text between the tags as written (the reference-compatible reward re-reads it)
+    assert t.tool_calls[0].payload == "\n{oops\n"
+    assert t.tool_calls[2].payload == format_tool_call(CROP, 9)[len("<tool_call>"):-len("</tool_call>")]
     assert [c.result.error_class for c in t.tool_calls[1:]] == ["runtime", "image_index"]
     assert t.metrics["tool_calls"] == 3 and t.metrics["tool_errors"] == 3
     assert t.metrics["tool_errors/malformed_json"] == 1 and t.metrics["tool_errors/runtime"] == 1

@@ -66,6 +66,7 @@ def test_turn_with_several_calls_keeps_their_order():
             + "<tool_call>\n{broken\n</tool_call>" + format_tool_call("b = 2", 1, "zoom"))
     calls = parse_tool_calls(text)
     assert [c.error_class for c in calls] == [None, "malformed_json", None]
+    assert calls[1].payload == "\n{broken\n"  # exactly as written, whitespace included
     assert [(c.code, c.image_index) for c in calls if c.ok] == [("a = 1", 0), ("b = 2", 1)]
 
 
@@ -76,5 +77,6 @@ def test_round_trip_of_the_shared_formatter():
 
 
 def test_unclosed_call_is_one_malformed_call_and_no_call_is_empty():
-    assert [c.error_class for c in parse_tool_calls('<tool_call>\n{"name": "code_image_tool"')] == ["malformed_json"]
+    (unclosed,) = parse_tool_calls('<tool_call>\n{"name": "code_image_tool"')
+    assert (unclosed.error_class, unclosed.payload) == ("malformed_json", None)
     assert parse_tool_calls("<think>fine</think><answer>3</answer>") == []

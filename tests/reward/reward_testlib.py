@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cv_ray.agent.tool_format import format_tool_call
 from cv_ray.reward.outcome import SampleOutcome, UsedOp
 from cv_ray.types import ExecResult, Task, ToolCallRecord, Trajectory
 
@@ -30,11 +31,19 @@ def task(required=(), answer_box=None, answer: str = "7", task_type: str = "gene
 
 
 def call(image_index: int, ops: list[dict], ok: bool = True, output_index: int | None = None,
-         to_input=None) -> ToolCallRecord:
+         to_input=None, code: str = "...", description: str = "", turn: int | None = None) -> ToolCallRecord:
+    """A parsed call on image ``image_index`` (made in turn ``image_index`` unless ``turn`` is given).
+    ``code`` is what the reference-compatible reward reads ops from ("..." reads as no op)."""
     result = ExecResult(ok=ok, ops=ops, to_input=to_input,
                         error=None if ok else "Error: boom", error_class=None if ok else "runtime")
-    return ToolCallRecord(turn=image_index, parsed=True, code="...", image_index=image_index,
-                          output_index=output_index, result=result)
+    return ToolCallRecord(turn=image_index if turn is None else turn, parsed=True, code=code,
+                          description=description, payload=format_payload(code, image_index, description),
+                          image_index=image_index, output_index=output_index, result=result)
+
+
+def format_payload(code: str, image_index: int = 0, description: str = "") -> str:
+    """The text between the tool-call tags for a well-formed call (as the agent loop records it)."""
+    return format_tool_call(code, image_index, description)[len("<tool_call>"):-len("</tool_call>")]
 
 
 def trajectory(images, image_to_origin, calls, response_text: str) -> Trajectory:

@@ -1,4 +1,4 @@
-"""The dense process reward, term by term, with hand-computed tables.
+"""The dense process reward (fixed variant unless stated), term by term, with hand-computed tables.
 
 Reference weights (RewardConfig defaults): w_acc 1, w_fmt 0.1, alpha 1, beta 0, exact 0.1, emerge 0.2,
 gamma 0.5, free calls 2, crop gate 0.1. Each row gives the unweighted components and the total, with
@@ -67,6 +67,9 @@ def test_rotation_only():
 
 
 def test_reference_compat_reproduces_the_emerge_and_failed_call_flaws():
+    """Outcomes built from ops alone (no call text): compat reads every op name, as the reference reads
+    every op its heuristics find in a call's code, whether or not the call then ran or changed anything.
+    Mutant: compat applies the fixed rules to ops (2.2, 2.2, 0.1)."""
     t = task(required=["rotate_90"])
     samples = [
         sample(True, [op("rotate_90"), op("resize")]),

@@ -1,4 +1,5 @@
-"""The format reward R_fmt: one case per clause of the reference's definition."""
+"""The fixed format reward R_fmt: one case per clause of its definition. The reference's (tag counts, no
+nesting) and how the two differ: test_reference_parity.py, class 3."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -79,25 +78,31 @@ def test_cache_hits_avoid_requests(judge_server):
 
 
 def test_slow_reply_times_out_and_is_retried(judge_server):
-    server = judge_server("slow", delay_s=3.0)
+    """The server holds every request until the test ends; the client gives up on its own timeouts.
+    Mutant: no timeout on an attempt (the client would wait for the held reply)."""
+    server = judge_server("slow", delay_s=600.0)
     client = _client(server, timeout_s=0.2, max_retries=1)
-    start = time.monotonic()
     (result,) = asyncio.run(_judge(client, RIGHT))
-    elapsed = time.monotonic() - start
     assert result.failed and result.correct is False and "no reply within" in result.error
     assert server.requests == 2  # the first try and one retry
+    assert server.replies == 0   # it returned before the server answered anything: bounded by its timeouts
     assert client.stats["timeouts"] == 2 and client.stats["failures"] == 1
-    assert elapsed < 2.0  # bounded by the timeouts (2 x 0.2 s + backoff), not by the 3 s server delay
 
 
 def test_http_500_is_retried_with_backoff(judge_server):
+    """Mutant: a constant backoff (the recorded waits would be [0.05, 0.05])."""
     server = judge_server("error500")
     client = _client(server, max_retries=2, backoff_s=0.05)
-    start = time.monotonic()
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:  # the backoff schedule, without waiting for it
+        waits.append(delay)
+
+    client._sleep = record
     (result,) = asyncio.run(_judge(client, RIGHT))
     assert result.failed and result.error == "HTTP 500"
     assert server.requests == 3 and client.stats["retries"] == 2
-    assert time.monotonic() - start >= 0.05 + 0.1  # backoff 0.05 s, then doubled
+    assert waits == [0.05, 0.1]  # backoff 0.05 s, then doubled
 
 
 def test_a_transient_error_then_success(judge_server):
@@ -136,14 +141,28 @@ def test_unreachable_server_fails_cleanly(judge_server):
 
 
 def test_concurrency_limit(judge_server):
-    server = judge_server("slow", delay_s=0.3)
+    """Mutant: no semaphore (all 6 requests in flight at once)."""
+    server = judge_server("ok")
     client = _client(server, max_concurrency=2)
+    active, most = 0, 0
+    post = client._post
+
+    async def counted_post(*args):
+        # All six tasks start in the same event-loop pass, before any reply can arrive, so every request
+        # the limit lets through is in flight here at once: exactly the limit.
+        nonlocal active, most
+        active += 1
+        most = max(most, active)
+        try:
+            return await post(*args)
+        finally:
+            active -= 1
+
+    client._post = counted_post
     requests = [JudgeRequest("general", f"q{i}", "a", "a") for i in range(6)]
-    start = time.monotonic()
     results = asyncio.run(_judge(client, *requests))
     assert all(r.correct for r in results)
-    assert server.requests == 6 and server.max_in_flight == 2
-    assert time.monotonic() - start >= 3 * 0.3  # 6 requests, 2 at a time, 0.3 s each
+    assert server.requests == 6 and most == 2 and server.max_in_flight <= 2
 
 
 def test_resolver_asks_the_judge_only_when_rules_fail(judge_server):

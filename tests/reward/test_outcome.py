@@ -60,9 +60,10 @@ def test_rotation_matrix_matches_pil():
 def _rotate_then_crop_trajectory(crop_box, extra_calls=()):
     image0, image1, image2 = _images()
     calls = [
-        call(0, [{"op": "rotate_90"}], output_index=1, to_input=TO_INPUT_ROT90),
-        call(1, [{"op": "crop", "box": crop_box}], output_index=2,
-             to_input=translation(crop_box[0], crop_box[1])),
+        call(0, [{"op": "rotate_90"}], output_index=1, to_input=TO_INPUT_ROT90,
+             code="result = image.transpose(Image.ROTATE_90)"),
+        call(1, [{"op": "crop", "box": crop_box}], output_index=2, to_input=translation(crop_box[0], crop_box[1]),
+             code=f"result = image.crop(({', '.join(str(v) for v in crop_box)}))"),
         *extra_calls,
     ]
     image_to_origin = [identity(), TO_INPUT_ROT90, compose(TO_INPUT_ROT90, translation(crop_box[0], crop_box[1]))]
@@ -88,16 +89,19 @@ def test_rotate_then_crop_reward_fixed_vs_reference():
     assert fixed.terms["mandatory"] == pytest.approx(1.0)
     assert fixed.total == pytest.approx(2.2)
     (compat,) = score_group(t, [outcome], RewardConfig(reference_compat=True))
-    # reference: raw box [20, 10, 60, 50] vs [150, 20, 190, 60] is disjoint -> IoU 0 ->
-    # mandatory (1 + 0) / 2 = 0.5 (>= gate, acc kept) -> 1 + .1 + .5 + .1 = 1.7
+    # reference: the code's box [20, 10, 60, 50] vs [150, 20, 190, 60] is disjoint -> IoU 0 ->
+    # mandatory 1/2 + 0/2 = 0.5 (>= gate, acc kept) -> 1 + .1 + .5 + .1 = 1.7
     assert compat.stats["iou"] == 0.0
     assert compat.terms["mandatory"] == pytest.approx(0.5)
     assert compat.total == pytest.approx(1.7)
 
 
 def test_failed_and_unparsed_calls():
-    unparsed = ToolCallRecord(turn=2, parsed=False, parse_error_class="malformed_json")
-    failed = call(2, [{"op": "flip_vertical"}], ok=False)  # a partial op reported by a call that then failed
+    """Follows agent_loop.py ``_code_usage_penalty`` and tool_agent_loop.py (calls counted before they run;
+    an unparsable one is dropped). Mutant: compat counts the unparsed call (total 0.6)."""
+    unparsed = ToolCallRecord(turn=3, parsed=False, parse_error_class="malformed_json", payload='{"name": ')
+    # a partial op reported by a call that then failed
+    failed = call(2, [{"op": "flip_vertical"}], ok=False, code="result = image.transpose(Image.FLIP_TOP_BOTTOM)")
     outcome = outcome_from_trajectory(_rotate_then_crop_trajectory(BOX_IN_ROTATED, [failed, unparsed]))
     assert (outcome.num_code_calls, outcome.num_tool_errors) == (4, 2)
     assert [(o.name, o.call_ok) for o in outcome.ops] == [("rotate_90", True), ("crop", True), ("flip_vertical", False)]
@@ -107,10 +111,12 @@ def test_failed_and_unparsed_calls():
     assert fixed.terms["exact"] == 1.0
     assert fixed.total == pytest.approx(1.2)
     (compat,) = score_group(t, [outcome], RewardConfig(reference_compat=True))
-    # reference: the flip counts -> core used != required -> no exact; mandatory 0.5 (raw box) ->
-    # 1 + .1 + .5 - .5 * 2 = 0.6
+    # reference: the failed call's flip is read from its code -> core used != required -> no exact;
+    # mandatory 0.5 (the code's box); the unparsable call is dropped -> usage 3 - 2 = 1 ->
+    # 1 + .1 + .5 - .5 * 1 = 1.1
     assert compat.terms["exact"] == 0.0
-    assert compat.total == pytest.approx(0.6)
+    assert (compat.stats["calls"], compat.terms["usage"]) == (3.0, 1.0)
+    assert compat.total == pytest.approx(1.1)
 
 
 def test_changed_flag_and_unmapped_source_images():

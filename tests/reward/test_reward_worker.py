@@ -73,3 +73,24 @@ def test_reward_worker_flags_a_failing_judge(ray_local, judge_server):
     assert server.requests == 2  # one try and one retry, for the undecided answer only
     stats = ray_local.get(worker.stats.remote())
     assert stats["judge/failures"] == 1 and stats["verdict/judge/failed"] == 1
+
+
+def test_reward_group_scores_with_its_configured_weights(ray_local):
+    """Reward weights reach the actors. Mutant: the worker scores with ``RewardConfig()`` instead of its
+    configured weights (totals 2.2, 1.1, 1.2).
+
+    Weights: w_fmt 0.5, alpha 2, beta 0.5, exact 0.3, gamma 1. E = {rotate_90}, truth 7 (count rules).
+    (a) rotates, answers 7: acc 1, fmt 1, mandatory 1, exact 1 -> 1 + .5 + 2 + .3 = 3.8
+    (b) no tool, answers 7: 1 + .5 = 1.5
+    (c) rotates, answers 8: .5 + 2 + .3 = 2.8
+    Necessity: tool users 1/2 right, the tool-free one 1/1 -> max(0, .5 - 1) = 0.
+    With reference_compat the calls' code ("...") reads as no op: (a) 1.5, (b) 1.5, (c) 0.5 (float32).
+    """
+    weights = {"w_fmt": 0.5, "alpha": 2.0, "beta": 0.5, "exact_bonus": 0.3, "gamma": 1.0, "cpus_per_worker": 0.25}
+    t = task(answer="7", task_type="count", required=["rotate_90"])
+    rotated, plain, wrong = (_trajectories(["7"], with_rotation=True)[0], _trajectories(["7"])[0],
+                             _trajectories(["8"], with_rotation=True)[0])
+    (fixed,), _ = RewardGroup(RewardConfig(**weights)).score([(t, [rotated, plain, wrong])])
+    assert [b.total for b in fixed] == pytest.approx([3.8, 1.5, 2.8])
+    (compat,), _ = RewardGroup(RewardConfig(reference_compat=True, **weights)).score([(t, [rotated, plain, wrong])])
+    assert [b.total for b in compat] == [1.5, 1.5, 0.5]
