@@ -178,10 +178,11 @@ def _ensure_data(ctx: RunContext) -> None:
         stage_data(ctx)
 
 
-def _read_tasks(paths: list[Path]) -> list:
-    from cv_ray.data.records import read_tasks
+def _read_tasks(ctx: RunContext, paths: list[Path]) -> list:
+    """Every task of ``paths`` (our formats or the reference's); ``data.skip_bad_rows`` skips and counts bad rows."""
+    from cv_ray.data.records import read_task_files
 
-    return [task for path in paths for task in read_tasks(path)]
+    return read_task_files(paths, ctx.cfg.data.skip_bad_rows)
 
 
 def _warn_on_other_system_prompts(examples: list, system_prompt: str) -> int:
@@ -199,7 +200,7 @@ def _warn_on_other_system_prompts(examples: list, system_prompt: str) -> int:
 def stage_sft(ctx: RunContext) -> dict[str, Any]:
     """Masked next-token training on the SFT trajectories; exports `sft_model/`."""
     from cv_ray.agent.chat import codec_from_config
-    from cv_ray.data.records import read_sft
+    from cv_ray.data.records import read_sft_files
     from cv_ray.learner.batch import sft_sample
     from cv_ray.learner.group import LearnerGroup
 
@@ -209,7 +210,7 @@ def stage_sft(ctx: RunContext) -> dict[str, Any]:
     model = ctx.model_ref(ctx.base_model)
     processor = model.load_processor()
     codec = codec_from_config(processor, cfg.rollout)
-    examples = [example for path in files for example in read_sft(path)]
+    examples = read_sft_files(files, cfg.data.skip_bad_rows)
     _warn_on_other_system_prompts(examples, codec.system_prompt)
     samples = [sft_sample(processor, example, codec) for example in examples]
     sampler = BatchSampler(len(samples), sched.batch_size, seed=cfg.trainer.seed)
@@ -236,8 +237,8 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
     _ensure_data(ctx)
     cfg = ctx.cfg
     policy = ctx.work_dir / "sft_model" if (ctx.work_dir / "sft_model" / "config.json").exists() else ctx.base_model
-    tasks = _read_tasks([ctx.data_dir / "rl_train.parquet", *map(Path, cfg.data.train_files)])
-    val_tasks = _read_tasks([ctx.data_dir / "rl_val.parquet"])
+    tasks = _read_tasks(ctx, [ctx.data_dir / "rl_train.parquet", *map(Path, cfg.data.train_files)])
+    val_tasks = _read_tasks(ctx, [ctx.data_dir / "rl_val.parquet"])
     sequences = cfg.trainer.rl.batch_size * cfg.rollout.n_samples
     updates_per_step = cfg.learner.ppo_epochs * (sequences // (cfg.learner.mini_batch_size or sequences))
     log.info("rl: policy %s, %d tasks, %d steps x %d tasks x %d samples", policy, len(tasks), cfg.trainer.rl.steps,

@@ -26,18 +26,21 @@ from cv_ray.types import RewardBreakdown, Task, Trajectory
 log = logging.getLogger("cv_ray.eval")
 
 
-def load_suite(name: str, data_dir: Path, seed: int, size: int, image_size: int) -> tuple[str, list[Task]]:
-    """(suite name, tasks): a path, a built suite in the data directory, or a freshly generated one."""
-    from cv_ray.data.records import read_tasks
+def load_suite(name: str, data_dir: Path, seed: int, size: int, image_size: int,
+               skip_bad_rows: bool = False) -> tuple[str, list[Task]]:
+    """(suite name, tasks): a path, a built suite in the data directory, or a freshly generated one.
+
+    ``skip_bad_rows`` (``data.skip_bad_rows``): a suite file's malformed rows are skipped and counted."""
+    from cv_ray.data.records import read_task_files
     from cv_ray.data.suites import build_suite, resolve_suite_name
 
     path = Path(name)
     if path.suffix in (".parquet", ".jsonl") and path.exists():
-        return path.stem, list(read_tasks(path))
+        return path.stem, read_task_files([path], skip_bad_rows)
     resolved = resolve_suite_name(name)
     built = Path(data_dir) / "suites" / f"{resolved}.parquet"
     if built.exists():
-        return resolved, list(read_tasks(built))
+        return resolved, read_task_files([built], skip_bad_rows)
     log.info("eval: suite %s not in %s; generating it (seed %d)", resolved, data_dir, seed)
     return resolved, list(build_suite(resolved, seed, size, image_size))
 
@@ -72,8 +75,8 @@ def evaluate(model: ModelRef | Path, cfg: Config, data_dir: Path, out_dir: Path
     from cv_ray.episode_groups import EpisodeGroups
 
     model = ModelRef.of(model)
-    suites = [load_suite(name, data_dir, cfg.data.seed, cfg.data.suite_size, cfg.data.image_size)
-              for name in cfg.eval.suites]
+    suites = [load_suite(name, data_dir, cfg.data.seed, cfg.data.suite_size, cfg.data.image_size,
+                         cfg.data.skip_bad_rows) for name in cfg.eval.suites]
     tasks = [(suite, task) for suite, suite_tasks in suites for task in suite_tasks]
     if not tasks:
         raise ValueError(f"eval.suites={cfg.eval.suites} hold no tasks")
