@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny models (built once per session), a local Ray cluster, GPU gating."""
+"""Shared test fixtures: tiny models and their processors and codecs (built once per session), the real
+sandbox behind the agent loop's interface, a local Ray cluster, GPU gating."""
 
 from __future__ import annotations
 
@@ -64,3 +65,41 @@ def ray_local():
     init_ray(num_cpus=16)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def processors(tiny_qwen25, tiny_qwen3):
+    """{family: processor} of both tiny architectures (the checkpoints' own image bounds)."""
+    from transformers import AutoProcessor
+
+    return {"qwen2_5_vl": AutoProcessor.from_pretrained(tiny_qwen25),
+            "qwen3_vl": AutoProcessor.from_pretrained(tiny_qwen3)}
+
+
+@pytest.fixture(scope="session")
+def processor25(processors):
+    return processors["qwen2_5_vl"]
+
+
+@pytest.fixture(scope="session")
+def processor3(processors):
+    return processors["qwen3_vl"]
+
+
+@pytest.fixture(scope="session")
+def codecs(processors):
+    """{family: ChatCodec} with the default prompt and the tool schema."""
+    from cv_ray.agent.chat import ChatCodec
+
+    return {family: ChatCodec(p) for family, p in processors.items()}
+
+
+@pytest.fixture(scope="session")
+def sandbox_tools():
+    """The real sandbox (a local SandboxPool of 2 warm workers) behind the agent loop's ToolRunner interface."""
+    from cv_ray.agent.tool_runner import LocalToolRunner
+    from cv_ray.sandbox import SandboxPool
+
+    with SandboxPool(workers=2, timeout_s=10.0) as pool:
+        yield LocalToolRunner(pool)
+

@@ -38,9 +38,35 @@ def test_default_experiment_is_tiny_cpu_and_valid():
     "group,option",
     [(g.name, o.stem) for g in Path(CONF_DIR).iterdir() if g.is_dir() for o in g.glob("*.yaml")],
 )
-def test_every_group_option_composes(group, option):
-    cfg = _compose(f"{group}={option}")
+def test_every_group_option_composes_and_validates(group, option):
+    """Mutant: a preset with a value `validate` refuses (e.g. `mini_batch_size: 5` in the 2x8 recipe)."""
+    # A checkpoint preset needs the user's directory; any path composes (its existence is checked at start).
+    needs_path = ["model.path=/checkpoints/any"] if (group, option) == ("model", "checkpoint") else []
+    cfg = _compose(f"{group}={option}", *needs_path)
     assert isinstance(cfg, Config)
+    validate(cfg)
+
+
+def test_the_2x8_recipe_fits_two_nodes_of_eight_gpus():
+    """The Qwen3-VL-8B recipe's resource arithmetic: 2 vLLM engines x TP 4 fill the rollout node, 8
+    ZeRO-3 ranks the learner node, and the RL batch splits into whole mini-batches over the ranks."""
+    from cv_ray.config import validate_resources
+
+    cfg = _compose("experiment=qwen3_vl_8b_2x8")
+    validate(cfg)
+    gpus_per_node, nodes = 8, 2
+    rollout, learner = cfg.rollout, cfg.learner
+    assert rollout.engine == "vllm" and rollout.gpus_per_worker == rollout.vllm.tensor_parallel_size == 4
+    assert rollout.num_workers * rollout.gpus_per_worker == gpus_per_node  # one node of engines
+    assert gpus_per_node % rollout.gpus_per_worker == 0                    # an engine never spans nodes
+    assert learner.num_ranks * learner.gpus_per_rank == gpus_per_node      # one node of ranks
+    sequences = cfg.trainer.rl.batch_size * rollout.n_samples
+    assert sequences % learner.mini_batch_size == 0 and learner.mini_batch_size % learner.num_ranks == 0
+    assert (learner.mini_batch_size // learner.num_ranks) % learner.micro_batch_size == 0
+    assert sequences // learner.mini_batch_size == 2                        # two optimizer updates per step
+    validate_resources(cfg, {"CPU": 2 * 64.0, "GPU": float(nodes * gpus_per_node)})
+    with pytest.raises(ConfigError, match="ask for 16 GPUs"):
+        validate_resources(cfg, {"CPU": 2 * 64.0, "GPU": float(nodes * gpus_per_node - 1)})
 
 
 @pytest.mark.parametrize(

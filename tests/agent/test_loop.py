@@ -7,15 +7,14 @@ for controlled times (sandboxed code cannot sleep).
 from __future__ import annotations
 
 import asyncio
-import time
 
-from agent_testlib import CROP, FAILING, ROTATE_90, SleepyTools, noise_image
+from agent_testlib import CROP, FAILING, ROTATE_90, noise_image
 
 from cv_ray.agent.loop import AgentLoop, LoopSettings
 from cv_ray.agent.tool_format import format_tool_call
 from cv_ray.geometry import map_box
 from cv_ray.rollout.scripted_engine import ScriptedEngine
-from cv_ray.types import Task
+from cv_ray.types import ExecResult, Task
 
 ANSWER = "<think>done</think><answer>7</answer>"
 
@@ -83,29 +82,78 @@ def test_error_metrics(codecs, sandbox_tools):
     assert t.model_images == t.images == t.images[:1]
 
 
-class TimedScriptedEngine(ScriptedEngine):
-    def __init__(self, *args, **kwargs):
+class GatedTools:
+    """Tools whose first call returns only once some trajectory generates while that call is pending.
+
+    If the loop ran trajectories one after another (or blocked its event loop during a tool call), no
+    generation could happen while the call waits and the gate would never open: the test then fails
+    at the (generous) deadline instead of passing on a timing coincidence.
+    """
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.pending_first = False
+        self.calls = 0
+        self.closed: list[str] = []
+
+    async def run(self, code, images, image_index=0, session_id=None) -> ExecResult:
+        self.calls += 1
+        if self.calls == 1:
+            self.pending_first = True
+            await asyncio.wait_for(self.gate.wait(), timeout=60)
+            self.pending_first = False
+        return ExecResult(ok=True, image=images[image_index].copy(), to_input=[[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+
+    def close_session(self, session_id: str) -> None:
+        self.closed.append(session_id)
+
+
+class GateOpeningEngine(ScriptedEngine):
+    """Opens the tools' gate when asked to generate while the first tool call is pending."""
+
+    def __init__(self, tools: GatedTools, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.started: list[float] = []
+        self.tools = tools
+        self.generated_during_call = 0
 
     async def generate(self, requests):
-        self.started.append(time.perf_counter())
+        if self.tools.pending_first:
+            self.generated_during_call += 1
+            self.tools.gate.set()
         return await super().generate(requests)
 
 
 def test_trajectories_generate_while_others_wait_for_tools(codecs):
+    """Mutant: ``run_many`` awaits the episodes one at a time (no generation overlaps a tool call)."""
     codec = codecs["qwen2_5_vl"]
-    # Call k waits delays[k % 2]: one trajectory's tool returns at once, the other's takes 0.3 s.
-    tools = SleepyTools(delays_s=(0.0, 0.3))
-    engine = TimedScriptedEngine(codec, [format_tool_call(ROTATE_90, 0), ANSWER], seconds_per_token=0.0005)
+    tools = GatedTools()
+    engine = GateOpeningEngine(tools, codec, [format_tool_call(ROTATE_90, 0), ANSWER])
     loop = AgentLoop(engine, codec, tools, LoopSettings())
     trajectories = asyncio.run(loop.run_many([make_task("a"), make_task("b")], n_samples=2))
     assert [(t.uid, t.sample_index) for t in trajectories] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
     assert all(t.stop_reason == "answer" for t in trajectories)
-    slow_calls = [(s, e) for s, e in tools.calls if e - s > 0.25]
-    assert slow_calls
-    assert any(s < g < e for s, e in slow_calls for g in engine.started), "no generation overlapped a tool call"
-    assert len(tools.closed) == 4
+    assert engine.generated_during_call >= 1 and tools.calls == 4 and len(tools.closed) == 4
+
+
+def test_at_most_max_concurrent_trajectories_run_at_once(codecs, sandbox_tools):
+    """Mutant: ``run_many`` starts every episode at once (no limit)."""
+    codec = codecs["qwen2_5_vl"]
+    loop = AgentLoop(ScriptedEngine(codec, [ANSWER]), codec, sandbox_tools, LoopSettings(max_concurrent_trajectories=2))
+    active, most = 0, 0
+    run = loop.run
+
+    async def counted(*args, **kwargs):
+        nonlocal active, most
+        active += 1
+        most = max(most, active)
+        try:
+            return await run(*args, **kwargs)
+        finally:
+            active -= 1
+
+    loop.run = counted
+    trajectories = asyncio.run(loop.run_many([make_task(f"t{i}") for i in range(3)], n_samples=2))
+    assert len(trajectories) == 6 and most == 2
 
 
 def test_tool_free_episode_has_no_schema_and_runs_no_call(codecs, processors, sandbox_tools):

@@ -1,17 +1,8 @@
-"""Fixtures of the rollout tests: the real sandbox behind the loop's interface, HF engines of both tiny models."""
+"""Fixtures of the rollout tests: HF engines of both tiny models (the sandbox fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def sandbox_tools():
-    from cv_ray.agent.tool_runner import LocalToolRunner
-    from cv_ray.sandbox import SandboxPool
-
-    with SandboxPool(workers=2, timeout_s=10.0) as pool:
-        yield LocalToolRunner(pool)
 
 
 @pytest.fixture(scope="session")
