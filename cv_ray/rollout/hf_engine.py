@@ -4,7 +4,7 @@ Concurrent requests are gathered into one left-padded ``generate`` call per batc
 (:class:`~cv_ray.rollout.batching.RequestBatcher`). Sampling masks the image/video placeholder ids,
 and the log-prob of every sampled token is ``cv_ray.logprobs.token_logprobs`` of the model's raw
 logits at that step, under the request's temperature and bans: exactly what the learner recomputes
-from a full forward pass (tests/rollout/test_hf_engine.py checks it to 1e-4).
+from a full forward pass (tests/rollout/test_hf_rollout.py checks it to 1e-4).
 """
 
 from __future__ import annotations

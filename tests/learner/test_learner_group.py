@@ -7,6 +7,7 @@ slow part); each test brings the group to the state it needs rather than relying
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import itertools
 
@@ -129,6 +130,105 @@ class HFReceiver:
         with torch.no_grad():
             logp, _ = sequence_logprobs(model, batch, 1.0, banned_token_ids(model.config))
         return [logp[i, :n].numpy() for i, n in enumerate(batch.lengths)]
+
+
+def _token_mean(samples, values) -> float:
+    """Mean of per-token values over every trained token of ``samples`` (the loss's token_mean)."""
+    trained = np.concatenate([v[s.loss_mask > 0] for s, v in zip(samples, values)])
+    return float(trained.mean())
+
+
+def test_kl_is_measured_against_the_reference(setup):
+    """``rl/kl`` is the token mean of k3(policy, reference) over trained tokens, and > 0 once the policy moved.
+
+    Mutant: the KL term computed against the policy itself (always 0).
+    """
+    group = setup.group
+    group.sft_step(make_samples(setup.processor, 4, seed=31))  # the policy leaves the reference
+    samples = _on_policy(group, make_samples(setup.processor, 4, seed=32, rl=True))
+    policy = group.compute_logprobs(samples, "policy")
+    reference = group.compute_logprobs(samples, "reference")
+    k3 = [np.exp(r - p) - (r - p) - 1.0 for p, r in zip(policy, reference)]  # Schulman's k3, >= 0
+    expected = _token_mean(samples, k3)
+
+    metrics = group.rl_step(samples)  # one update: its forward pass scores the policy before the step
+
+    assert expected > 1e-4
+    assert metrics["rl/kl"] == pytest.approx(expected, rel=1e-4)
+
+
+def _with_cfg(group: LearnerGroup, **changes) -> LearnerGroup:
+    """The same ranks driven with other driver-side settings (mini-batching, epochs, the ZeRO-3 check).
+
+    Mini-batches, PPO epochs and their shuffle are the group's (driver-side) business; the ranks only
+    see one optimizer step at a time, so a shallow copy with another config drives the same ranks.
+    """
+    other = copy.copy(group)
+    other.cfg = dataclasses.replace(group.cfg, **changes)
+    return other
+
+
+def test_ppo_epochs_times_shuffled_mini_batches(setup):
+    """2 epochs x 2 mini-batches of 2 = 4 updates; each epoch covers every sample once, reshuffled.
+
+    Mutants: the mini-batches are not shuffled between epochs; an epoch skips its last mini-batch.
+    """
+    group = _with_cfg(setup.group, mini_batch_size=2, ppo_epochs=2)
+    samples = _on_policy(group, make_samples(setup.processor, 4, seed=41, rl=True))
+    samples = [dataclasses.replace(s, uid=f"s{i}") for i, s in enumerate(samples)]
+    seen: list[tuple[str, ...]] = []
+    run_update = group._run_update
+
+    def recording(update, batch):
+        seen.append(tuple(sorted(s.uid for s in batch)))
+        return run_update(update, batch)
+
+    group._run_update = recording
+    metrics = group.rl_step(samples)
+
+    assert metrics["rl/updates"] == 4 and len(seen) == 4
+    epochs = [sorted(seen[:2]), sorted(seen[2:])]
+    for epoch in epochs:
+        assert sorted(uid for batch in epoch for uid in batch) == ["s0", "s1", "s2", "s3"]
+    assert epochs[0] != epochs[1], "the second epoch must reshuffle the mini-batches"
+
+
+def test_a_later_update_sees_a_moved_ratio_clipped_as_the_loss_says(setup):
+    """The second update against the same behaviour log-probs: its ratio is no longer 1 and the clip
+    fractions are exactly those the PPO clip (low 0.2, high 0.28) implies for the ratios the learner
+    holds before that update.
+
+    Mutant: the ratio taken against the current policy (old = logp.detach()) instead of the behaviour
+    log-probs: ratio 1 and nothing clipped on every update.
+    """
+    group = setup.group
+    samples = _on_policy(group, make_samples(setup.processor, 4, seed=51, rl=True))
+    behaviour = [s.rollout_logprobs for s in samples]
+    for _ in range(3):  # updates against the same behaviour policy move the ratio further each time
+        group.rl_step(samples)
+    current = group.compute_logprobs(samples, "policy")
+    ratio = [np.exp(c - b) for c, b in zip(current, behaviour)]
+    advantage = [s.advantages for s in samples]
+    clip_high = [(a > 0) & (r > 1.28) for a, r in zip(advantage, ratio)]
+    clip_low = [(a < 0) & (r < 0.8) for a, r in zip(advantage, ratio)]
+
+    metrics = group.rl_step(samples)
+
+    assert abs(metrics["rl/ratio"] - 1.0) > 1e-3
+    assert metrics["rl/ratio"] == pytest.approx(_token_mean(samples, ratio), rel=1e-4)
+    assert metrics["rl/clip_frac_high"] == pytest.approx(_token_mean(samples, clip_high), abs=1e-6)
+    assert metrics["rl/clip_frac_low"] == pytest.approx(_token_mean(samples, clip_low), abs=1e-6)
+    assert metrics["rl/clip_frac_high"] + metrics["rl/clip_frac_low"] > 0, "the test needs some clipped tokens"
+
+
+def test_zero3_with_a_trainable_vision_tower_refuses_image_less_micro_batches(setup):
+    """Refused before any rank starts (a rank without an image in a micro-batch would desynchronise
+    ZeRO-3's backward trace). Mutant: the check is skipped (the step would then run)."""
+    group = _with_cfg(setup.group, zero_stage=3, freeze_vision=False)
+    samples = _mixed(setup.processor, seed=61)  # rank 1 gets the two image-less sequences
+    with pytest.raises(ValueError, match="micro-batch without images under ZeRO-3"):
+        group.sft_step(samples)
+    _with_cfg(setup.group, zero_stage=3, freeze_vision=True)._check_trainable_vision(group._shard(samples))
 
 
 def test_pushed_weights_reproduce_the_learners_logprobs(setup):
