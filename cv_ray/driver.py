@@ -251,6 +251,7 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
     with EpisodeGroups.start(model, cfg.rollout, cfg.sandbox, cfg.reward) as groups, \
             LearnerGroup(model, cfg.learner, total_steps=cfg.trainer.rl.steps * updates_per_step,
                          seed=cfg.trainer.seed, temperature=cfg.rollout.temperature) as learner:
+        reward_weights = groups.reward.weights()  # what the reward actors score with (a sweep's job's own)
         resumed = _resume(ctx, learner)
         if resumed is not None:
             start_step, history = resumed["step"], resumed["history"]
@@ -268,11 +269,13 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
                 _save(ctx, learner, step + 1, sampler.position, history)
         out = learner.export_hf(ctx.work_dir / "rl_model")
     final = {k: v for k, v in metrics.items() if k.startswith(("reward/total", "eval/"))}
-    return {"model": str(out), "steps": cfg.trainer.rl.steps, "history": history, "final": final}
+    return {"model": str(out), "steps": cfg.trainer.rl.steps, "history": history, "final": final,
+            "reward_weights": reward_weights}
 
 
 def rl_step(ctx: RunContext, step: int, tasks: list, groups, learner) -> dict[str, float]:
     """One GRPO step as numbered, timed phases. Returns every metric of the step."""
+    from cv_ray.agent.generation import mix_seeds
     from cv_ray.episode_groups import group_by_task
     from cv_ray.learner.advantages import compute_advantages
     from cv_ray.learner.batch import rl_sample
@@ -282,7 +285,9 @@ def rl_step(ctx: RunContext, step: int, tasks: list, groups, learner) -> dict[st
     timer = PhaseTimer()
     with timer("step"):
         with timer("rollout"):  # 1. sample n trajectories per task (agent loops with sandboxed tools)
-            trajectories, rollout_metrics = groups.rollout.rollout(tasks, cfg.rollout.n_samples)
+            # Seeded by (trainer.seed, step): a resumed run samples its steps as the uninterrupted one did.
+            trajectories, rollout_metrics = groups.rollout.rollout(tasks, cfg.rollout.n_samples,
+                                                                   seed=mix_seeds(cfg.trainer.seed, step))
         with timer("reward"):  # 2. dense process reward per GRPO group
             by_task = group_by_task(tasks, trajectories)
             breakdowns, reward_metrics = groups.reward.score(by_task)
@@ -364,11 +369,17 @@ def _resume(ctx: RunContext, learner) -> dict[str, Any] | None:
     if mode == "never":
         return None
     if mode == "auto":
-        done = sorted((ctx.work_dir / "checkpoints").glob(f"step_*/{CHECKPOINT_DONE}"))
+        steps = sorted(p for p in (ctx.work_dir / "checkpoints").glob("step_*") if p.is_dir())
+        done = [p for p in steps if (p / CHECKPOINT_DONE).exists()]
+        for partial in steps:
+            if done and partial > done[-1]:
+                # A run killed while saving leaves a step directory without its COMPLETE marker.
+                log.warning("resume: skipping incomplete checkpoint %s (no %s file: the run stopped while "
+                            "saving it); resuming from %s", partial, CHECKPOINT_DONE, done[-1].name)
         if not done:
             log.info("resume: no complete checkpoint in %s; starting fresh", ctx.work_dir / "checkpoints")
             return None
-        path = done[-1].parent
+        path = done[-1]
     else:
         path = Path(mode)
         if not (path / CHECKPOINT_DONE).exists():

@@ -12,6 +12,7 @@ benchmarks' :class:`~cv_ray.rollout.scripted_engine.ScriptedEngine`).
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,17 @@ class SamplingParams:
     """Generation of a request ends after sampling any of these (it is kept in the output)."""
     banned_token_ids: tuple[int, ...] = ()
     """Never sampled (logits masked to -inf); the same ids are masked when scoring."""
+    seed: int | None = None
+    """Seeds this request's sampling (None: the engine's own random state). vLLM seeds each request;
+    the HF engine seeds each batched ``generate`` from its requests' seeds, so a batch of the same
+    requests samples the same tokens (see :func:`mix_seeds`)."""
+
+
+def mix_seeds(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (ints, strings): the same in every process and run, unlike
+    ``hash()`` of a string."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image
 
 from cv_ray.agent.chat import ChatCodec
-from cv_ray.agent.generation import Engine, GenerationRequest, SamplingParams
+from cv_ray.agent.generation import Engine, GenerationRequest, SamplingParams, mix_seeds
 from cv_ray.agent.model_images import resize_for_model
 from cv_ray.agent.prompts import NO_TOOL_SYSTEM_PROMPT
 from cv_ray.agent.tool_format import tool_error_content, tool_response_content
@@ -142,26 +142,31 @@ class AgentLoop:
             stops.add(int(end_of_text))
         self._stop_ids = tuple(sorted(stops))
 
-    def sampling(self, max_new_tokens: int, temperature: float) -> SamplingParams:
+    def sampling(self, max_new_tokens: int, temperature: float, seed: int | None = None) -> SamplingParams:
         return SamplingParams(temperature=temperature, top_p=self.cfg.top_p, max_new_tokens=max_new_tokens,
-                              stop_token_ids=self._stop_ids, banned_token_ids=tuple(self.codec.banned_ids))
+                              stop_token_ids=self._stop_ids, banned_token_ids=tuple(self.codec.banned_ids),
+                              seed=seed)
 
     async def run_many(self, tasks: list[Task], n_samples: int, temperature: float | None = None,
-                       use_tools: bool = True) -> list[Trajectory]:
+                       use_tools: bool = True, seed: int | None = None) -> list[Trajectory]:
         """``n_samples`` trajectories per task, task-major (task 0's samples first), run concurrently.
 
-        ``temperature`` overrides the configured one (e.g. 0 for greedy validation).
+        ``temperature`` overrides the configured one (e.g. 0 for greedy validation). ``seed`` seeds every
+        turn of every episode (from the seed, the task's uid, the sample index and the turn), so a
+        batch re-run with the same weights samples the same tokens where the engine can (see
+        ``SamplingParams.seed``); None leaves sampling to the engine's random state.
         """
         limit = asyncio.Semaphore(self.cfg.max_concurrent_trajectories)
 
         async def one(task: Task, k: int) -> Trajectory:
             async with limit:
-                return await self.run(task, k, temperature, use_tools)
+                episode_seed = None if seed is None else mix_seeds(seed, task.uid, k)
+                return await self.run(task, k, temperature, use_tools, seed=episode_seed)
 
         return list(await asyncio.gather(*(one(task, k) for task in tasks for k in range(n_samples))))
 
     async def run(self, task: Task, sample_index: int = 0, temperature: float | None = None,
-                  use_tools: bool = True) -> Trajectory:
+                  use_tools: bool = True, seed: int | None = None) -> Trajectory:
         if not task.images:
             raise ValueError(f"task {task.uid} has no image")
         codec = self.codec if use_tools else self.plain_codec
@@ -170,7 +175,7 @@ class AgentLoop:
         session_id = f"{task.uid}/{sample_index}/{uuid.uuid4().hex[:8]}"
         temperature = self.cfg.temperature if temperature is None else temperature
         try:
-            stop_reason = await self._turns(episode, session_id, temperature, use_tools)
+            stop_reason = await self._turns(episode, session_id, temperature, use_tools, seed)
         finally:
             if use_tools:
                 closing = self.tools.close_session(session_id)
@@ -178,14 +183,16 @@ class AgentLoop:
                     await closing
         return episode.finish(stop_reason)
 
-    async def _turns(self, ep: _Episode, session_id: str, temperature: float, use_tools: bool) -> str:
+    async def _turns(self, ep: _Episode, session_id: str, temperature: float, use_tools: bool,
+                     seed: int | None) -> str:
         cfg, codec = self.cfg, self.codec
         for turn in range(cfg.max_turns):
             budget = cfg.max_response_tokens - len(ep.response_ids)
             if budget <= 0:
                 return "max_tokens"
             request = GenerationRequest(ep.prompt_ids + ep.response_ids, list(ep.model_images),
-                                        self.sampling(min(cfg.max_new_tokens_per_turn, budget), temperature))
+                                        self.sampling(min(cfg.max_new_tokens_per_turn, budget), temperature,
+                                                      None if seed is None else mix_seeds(seed, turn)))
             started = time.perf_counter()
             (out,) = await self.engine.generate([request])
             ep.generation_s += time.perf_counter() - started

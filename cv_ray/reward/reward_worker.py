@@ -18,7 +18,7 @@ import ray
 
 from cv_ray.actor_group import ActorGroup, GroupShell
 from cv_ray.reward.config import RewardConfig
-from cv_ray.reward.dense import mean_breakdown, score_group
+from cv_ray.reward.dense import mean_breakdown, score_group, term_weights
 from cv_ray.reward.judge import JudgeClient
 from cv_ray.reward.outcome import SampleOutcome, outcome_from_trajectory
 from cv_ray.reward.verdicts import VerdictResolver
@@ -42,6 +42,10 @@ class RewardWorker:
         """Like :meth:`score`, for samples already reduced to outcomes."""
         resolved = await self.resolver.resolve(task, outcomes, self.cfg.reference_compat)
         return score_group(task, resolved, self.cfg)
+
+    def weights(self) -> dict[str, float]:
+        """The signed weight of every term this worker scores with (``term_weights`` of its config)."""
+        return term_weights(self.cfg)
 
     def stats(self) -> dict[str, int]:
         stats = {f"verdict/{k}": v for k, v in self.resolver.stats.items()}
@@ -78,6 +82,13 @@ class RewardGroup(GroupShell):
         metrics.update({f"reward/{k}": float(v - self._last_stats.get(k, 0)) for k, v in totals.items()})
         self._last_stats = totals
         return results, metrics
+
+    def weights(self) -> dict[str, float]:
+        """The term weights the actors score with, read back from them (they all hold the same config)."""
+        reported = self.actors.get(self.actors.each(lambda worker: worker.weights.remote()))
+        if any(w != reported[0] for w in reported):
+            raise RuntimeError(f"reward workers disagree on their weights: {reported}")
+        return reported[0]
 
     def shutdown(self) -> None:
         """End the reward actors (idempotent)."""

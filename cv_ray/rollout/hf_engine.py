@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 
 from cv_ray.agent.chat import build_model_inputs
-from cv_ray.agent.generation import Engine, GenerationOutput, GenerationRequest, SamplingParams
+from cv_ray.agent.generation import Engine, GenerationOutput, GenerationRequest, SamplingParams, mix_seeds
 from cv_ray.logprobs import token_logprobs
 from cv_ray.models import ModelRef
 from cv_ray.rollout.batching import RequestBatcher
@@ -114,6 +114,11 @@ class HFEngine(Engine):
             output_logits=True,
             return_dict_in_generate=True,
         )
+        seeds = [r.sampling.seed for r in requests]
+        if not greedy and all(s is not None for s in seeds):
+            # One generate samples for the whole batch from torch's global generator: seed it from the
+            # batch's request seeds, so the same requests batched the same way sample the same tokens.
+            torch.manual_seed(mix_seeds(*seeds))
         result = self.model.generate(**inputs, generation_config=config)
         prompt_len = inputs["input_ids"].shape[1]
         new_tokens = result.sequences[:, prompt_len:]

@@ -49,11 +49,11 @@ class RolloutWorker:
         self.in_flight = 0
 
     async def rollout(self, tasks: list[Task], n_samples: int, temperature: float | None = None,
-                      use_tools: bool = True) -> list[Trajectory]:
+                      use_tools: bool = True, seed: int | None = None) -> list[Trajectory]:
         """``n_samples`` trajectories per task, task-major (see AgentLoop.run_many)."""
         self.in_flight += len(tasks) * n_samples
         try:
-            return await self.loop.run_many(tasks, n_samples, temperature, use_tools)
+            return await self.loop.run_many(tasks, n_samples, temperature, use_tools, seed=seed)
         finally:
             self.in_flight -= len(tasks) * n_samples
 
@@ -86,17 +86,18 @@ class RolloutGroup(GroupShell):
             name="rollout workers")
 
     def rollout(self, tasks: list[Task], n_samples: int | None = None, temperature: float | None = None,
-                use_tools: bool = True) -> tuple[list[Trajectory], dict[str, float]]:
+                use_tools: bool = True, seed: int | None = None) -> tuple[list[Trajectory], dict[str, float]]:
         """Trajectories of every task (``n_samples`` each, default ``cfg.n_samples``), in task order, and batch metrics.
 
         ``temperature`` overrides ``cfg.temperature`` for this batch (0: greedy); ``use_tools=False``
-        runs tool-free episodes (no tool schema in the prompt, one turn).
+        runs tool-free episodes (no tool schema in the prompt, one turn); ``seed`` seeds the sampling
+        (per task, sample and turn; see ``AgentLoop.run_many``).
         """
         n_samples = n_samples or self.cfg.n_samples
         started = time.perf_counter()
         parts = split_evenly(len(tasks), len(self.actors))
         refs = self.actors.zip(lambda worker, part: worker.rollout.remote(tasks[part[0]:part[1]], n_samples,
-                                                                         temperature, use_tools), parts)
+                                                                         temperature, use_tools, seed), parts)
         trajectories = [t for chunk in self.actors.get(refs) for t in chunk]
         return trajectories, batch_metrics(trajectories, time.perf_counter() - started)
 

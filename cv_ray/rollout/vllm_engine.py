@@ -135,6 +135,7 @@ class VLLMEngine(Engine):
             stop_token_ids=list(s.stop_token_ids),
             bad_words=[self._banned_words[i] for i in s.banned_token_ids if i in self._banned_words],
             logprobs=0,
+            seed=s.seed,  # per request: the same request samples the same tokens whatever the batch
             detokenize=False,
             skip_special_tokens=False,
         )

@@ -115,3 +115,16 @@ def test_temperature_override_zero_is_greedy(hf_engines, sandbox_tools):
     a, b = asyncio.run(loop.run_many(tasks()[:1], n_samples=2, temperature=0.0))
     assert a.response_ids == b.response_ids
     check_consistency(a, engine, codec, temperature=0.0)  # scored at temperature 1 (cv_ray.logprobs)
+
+
+def test_seeded_batches_sample_the_same_tokens(hf_engines, sandbox_tools):
+    """The same batch with the same seed samples the same tokens; another seed samples others (what a
+    resumed run needs to replay its steps). Mutant: the HF engine ignores the request seeds."""
+    engine = hf_engines["qwen2_5_vl"]
+    codec = ChatCodec(engine.processor)
+    loop = AgentLoop(engine, codec, sandbox_tools, dataclasses.replace(CFG, max_turns=1))
+    first, again, other = (asyncio.run(loop.run_many(tasks()[:2], n_samples=2, seed=seed)) for seed in (7, 7, 8))
+    assert [t.response_ids for t in first] == [t.response_ids for t in again]
+    assert [t.response_ids for t in first] != [t.response_ids for t in other]
+    assert len({tuple(t.response_ids) for t in first}) > 1  # the samples of a batch still differ
+

@@ -27,6 +27,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     bad_words: list[str] = field(default_factory=list)
     logprobs: int | None = None
+    seed: int | None = None
     detokenize: bool = True
     skip_special_tokens: bool = True
 
