@@ -32,11 +32,14 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cv_ray.learner.batch import TrainSample
 from cv_ray.learner.config import LearnerConfig
 from cv_ray.learner.losses import AGGREGATIONS, TokenMean
 from cv_ray.learner.rank_actor import LearnerRank
+from cv_ray.placement import learner_placement
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,16 @@ class LearnerGroup:
         cfg.validate()
         self.cfg, self.seed, self.global_step = cfg, seed, 0
         world = cfg.num_ranks
-        options = {"num_cpus": cfg.cpus_per_rank, "num_gpus": cfg.gpus_per_rank}
-        self.ranks = [LearnerRank.options(**options).remote(r, world) for r in range(world)]
+        # One PACK placement group (cv_ray/placement.py): the ranks share as few nodes as fit, so
+        # ZeRO-3's per-step gathers stay on a node where they can; SFT and RL groups alike.
+        plan = learner_placement(world, cfg.gpus_per_rank, cfg.cpus_per_rank)
+        self.placement_group = placement_group(plan.bundles, strategy=plan.strategy)
+        ray.get(self.placement_group.ready())
+        self.ranks = [
+            LearnerRank.options(**opt, scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, b))
+            .remote(r, world)
+            for r, (opt, b) in enumerate(zip(plan.actor_options, plan.actor_bundle))
+        ]
         addr, port = ray.get(self.ranks[0].rendezvous_address.remote())
         start = time.perf_counter()
         ray.get([r.setup.remote(addr, port, str(model_path), cfg, total_steps, seed, temperature)
@@ -218,6 +229,9 @@ class LearnerGroup:
         for rank in self.ranks:
             ray.kill(rank)
         self.ranks = []
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
 
 
 def _mask(sample: TrainSample):
