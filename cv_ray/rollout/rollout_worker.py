@@ -81,13 +81,14 @@ class RolloutGroup:
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            bundles = [{"GPU": cfg.gpus_per_worker, "CPU": cfg.cpus_per_worker}] * cfg.num_workers
-            self.placement_group = placement_group(bundles, strategy="PACK")
+            from cv_ray.placement import rollout_placement
+
+            plan = rollout_placement(cfg.num_workers, cfg.gpus_per_worker, cfg.cpus_per_worker)
+            self.placement_group = placement_group(plan.bundles, strategy=plan.strategy)
             ray.get(self.placement_group.ready())
             options = [
-                {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker,
-                 "scheduling_strategy": PlacementGroupSchedulingStrategy(self.placement_group, i)}
-                for i in range(cfg.num_workers)
+                {**opt, "scheduling_strategy": PlacementGroupSchedulingStrategy(self.placement_group, bundle)}
+                for opt, bundle in zip(plan.actor_options, plan.actor_bundle)
             ]
         self.workers = [RolloutWorker.options(**opt).remote(model_path, cfg, sandbox_group) for opt in options]
 
