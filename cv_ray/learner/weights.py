@@ -10,9 +10,12 @@ to CPU on the receiving rank, and released before the next bucket.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def full_numel(param: torch.nn.Parameter) -> int:
@@ -20,16 +23,21 @@ def full_numel(param: torch.nn.Parameter) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
-def _buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_numel: int
-             ) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
-    bucket: list[tuple[str, torch.nn.Parameter]] = []
+def size_buckets(named: Iterable[tuple[str, T]], limit: int, size_of: Callable[[T], int] = full_numel
+                 ) -> Iterator[list[tuple[str, T]]]:
+    """Consecutive ``(name, item)`` lists whose ``size_of`` sums stay within ``limit`` (a larger item goes alone).
+
+    The learner buckets parameters by element count (``full_numel``); the vLLM engine buckets tensors
+    by bytes for its weight update (cv_ray.rollout.vllm_engine).
+    """
+    bucket: list[tuple[str, T]] = []
     size = 0
-    for name, param in named:
-        n = full_numel(param)
-        if bucket and size + n > bucket_numel:
+    for name, item in named:
+        n = size_of(item)
+        if bucket and size + n > limit:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, param))
+        bucket.append((name, item))
         size += n
     if bucket:
         yield bucket
@@ -44,7 +52,7 @@ def iter_full_weights(module: torch.nn.Module, partitioned: bool, keep: bool, bu
     of the ``*ForConditionalGeneration`` model); tied parameters appear under each of their names.
     """
     named = list(module.named_parameters(remove_duplicate=False))
-    for bucket in _buckets(named, bucket_numel):
+    for bucket in size_buckets(named, bucket_numel):
         params = [p for _, p in bucket]
         if partitioned:
             import deepspeed

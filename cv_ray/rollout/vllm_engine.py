@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
+from cv_ray.learner.weights import size_buckets
 from cv_ray.placement import vllm_launch
 from cv_ray.rollout.batching import RequestBatcher
 from cv_ray.rollout.config import RolloutConfig, VLLMConfig
@@ -127,17 +128,7 @@ def vllm_prompt(request: GenerationRequest, image_token_id: int) -> dict[str, An
 
 def weight_buckets(named_tensors: Mapping[str, torch.Tensor], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Consecutive ``(name, tensor)`` lists of at most ``max_bytes`` each (a larger tensor travels alone)."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named_tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > max_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
+    return size_buckets(named_tensors.items(), max_bytes, lambda t: t.numel() * t.element_size())
 
 
 def ipc_update_info(named_tensors: Sequence[tuple[str, torch.Tensor]],
