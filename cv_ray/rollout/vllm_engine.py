@@ -264,7 +264,7 @@ class VLLMEngine(Engine):
         note = ""
         try:
             self.llm.finish_weight_update()
-        except Exception as close_error:  # the workers closed the session themselves when they raised
+        except Exception as close_error:  # noqa: BLE001 -- reported in the raised error; the workers closed it when they raised
             note = f"; closing the update session: {close_error}"
         self._reset_caches()
         return WeightUpdateError(

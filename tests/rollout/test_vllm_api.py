@@ -10,14 +10,15 @@ IPC is stood in (tests/rollout/vllm_standin.FakeCudaIpc); the fixtures are in te
 
 from __future__ import annotations
 
-import tomllib
 from types import SimpleNamespace
 
 import pytest
 import ray
+import tomllib
 import torch
+import vllm_api as vllm_api_lib
 from rollout_testlib import noise_image
-from vllm_api import REPO, SIDE_DIR, CpuDistributed, cpu_vllm_model, vllm_api, vllm_config_for  # noqa: F401
+from vllm_api import REPO, SIDE_DIR, CpuDistributed, cpu_vllm_model, vllm_config_for
 from vllm_standin import FakeCudaIpc
 
 from cv_ray.agent.chat import ChatCodec
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.vllm_api
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 # Pixel bounds other than the tiny checkpoints' own, so that a dropped bound changes the counts.
 BOUNDS = (28 * 28 * 8, 28 * 28 * 16)
+
+vllm_api = vllm_api_lib.vllm_api  # the fixture, by its name in this module
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,17 @@ The ``gpu`` tests run real vLLM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+import vllm_api as vllm_api_lib
 import vllm_standin
 from rollout_testlib import noise_image
-from vllm_api import CpuDistributed, vllm_api  # noqa: F401
+from vllm_api import CpuDistributed
 
 from cv_ray.agent.chat import ChatCodec
 from cv_ray.rollout import vllm_engine
@@ -42,6 +44,8 @@ def test_weight_buckets_stay_under_the_bound_in_order():
     buckets = list(weight_buckets(tensors, max_bytes=80))
     assert [[name for name, _ in b] for b in buckets] == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"]]
     assert all(sum(t.numel() * 4 for _, t in b) <= 80 for b in buckets if len(b) > 1)
+
+vllm_api = vllm_api_lib.vllm_api  # the fixture, by its name in this module
 
 
 @pytest.fixture(scope="module")
@@ -172,15 +176,31 @@ def test_standin_keeps_vllm_llm_signatures(vllm_api):
     assert {"generate", *_LLM_METHODS} <= {n for n in dir(vllm_standin.CpuLLM) if not n.startswith("_")}
 
 
+@contextlib.contextmanager
+def _gpu_engine(path):
+    """A real VLLMEngine on 30% of the GPU, its engine-core process shut down afterwards (the next test's
+    engine and the learner's GPU test need the memory back)."""
+    pytest.importorskip("vllm")
+    engine = VLLMEngine(str(path), VLLMConfig(gpu_memory_utilization=0.3, max_model_len=4096), max_images_per_prompt=4)
+    try:
+        yield engine
+    finally:
+        engine.llm.llm_engine.engine_core.shutdown()
+
+
 @pytest.mark.gpu
 def test_vllm_engine_on_gpu(tiny_qwen25):
     """Real vLLM: log-probs under the placeholder ban, and a weight update through the IPC backend."""
-    pytest.importorskip("vllm")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     codec = ChatCodec(AutoProcessor.from_pretrained(tiny_qwen25))
-    engine = VLLMEngine(str(tiny_qwen25), VLLMConfig(gpu_memory_utilization=0.3, max_model_len=4096),
-                        max_images_per_prompt=4)
+    with _gpu_engine(tiny_qwen25) as engine:
+        _check_logprobs_and_update(engine, codec, tiny_qwen25)
+
+
+def _check_logprobs_and_update(engine, codec, tiny_qwen25):
+    from transformers import AutoModelForImageTextToText
+
     images = [noise_image(64, 48)]
     prompt = codec.encode_prompt("What?", images)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=8, stop_token_ids=(codec.end_of_turn_id,),
@@ -200,22 +220,23 @@ def test_vllm_engine_on_gpu(tiny_qwen25):
 
 @pytest.mark.gpu
 def test_vllm_prefix_cache_is_not_reused_across_a_weight_update(tiny_qwen25):
-    """Real vLLM: a repeated prompt hits the prefix cache, and the first request after a weight update does not."""
-    pytest.importorskip("vllm")
+    """Real vLLM: a repeated prompt hits the prefix cache, and the first request after a weight update does not.
+
+    Mutant: no prefix-cache reset after an update (issue 22, defect 4)."""
     from transformers import AutoModelForImageTextToText
-    from vllm import SamplingParams as VLLMSamplingParams
-    from vllm.inputs import TokensPrompt
 
-    engine = VLLMEngine(str(tiny_qwen25), VLLMConfig(gpu_memory_utilization=0.3, max_model_len=4096),
-                        max_images_per_prompt=4)
-    prompt = TokensPrompt(prompt_token_ids=list(range(100, 164)))  # four full 16-token KV blocks
-    params = VLLMSamplingParams(max_tokens=1)
+    with _gpu_engine(tiny_qwen25) as engine:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
 
-    def cached_tokens() -> int:
-        return engine.llm.generate([prompt], [params], use_tqdm=False)[0].num_cached_tokens or 0
+        prompt = TokensPrompt(prompt_token_ids=list(range(100, 164)))  # four full 16-token KV blocks
+        params = VLLMSamplingParams(max_tokens=1)
 
-    cached_tokens()
-    assert cached_tokens() > 0
-    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen25)
-    asyncio.run(engine.update_weights({n: p.detach() for n, p in model.named_parameters()}))
-    assert cached_tokens() == 0
+        def cached_tokens() -> int:
+            return engine.llm.generate([prompt], [params], use_tqdm=False)[0].num_cached_tokens or 0
+
+        cached_tokens()
+        assert cached_tokens() > 0
+        model = AutoModelForImageTextToText.from_pretrained(tiny_qwen25)
+        asyncio.run(engine.update_weights({n: p.detach() for n, p in model.named_parameters()}))
+        assert cached_tokens() == 0

@@ -40,12 +40,13 @@ def _from_side_dir(module: ModuleType) -> bool:
 def _import_vllm() -> None:
     """Import the vLLM modules the tests use, undoing the environment changes vLLM makes at import."""
     before = dict(os.environ)
-    import vllm  # noqa: F401
-    import vllm.distributed.weight_transfer.ipc_engine  # noqa: F401
-    import vllm.engine.arg_utils  # noqa: F401
-    import vllm.v1.engine.input_processor  # noqa: F401
-    import vllm.v1.serial_utils  # noqa: F401
-    from vllm import LLM, SamplingParams  # noqa: F401  (lazy attributes: import their modules now)
+    import vllm
+    import vllm.distributed.weight_transfer.ipc_engine
+    import vllm.engine.arg_utils
+    import vllm.v1.engine.input_processor
+    import vllm.v1.serial_utils
+
+    vllm.LLM, vllm.SamplingParams  # noqa: B018 -- lazy attributes: import their modules now
 
     for key in set(os.environ) - set(before):
         del os.environ[key]
