@@ -35,7 +35,8 @@
 vLLM is imported inside the class only: the module imports on machines without vLLM. Tests:
 tests/rollout/test_vllm_api.py (vLLM's own code on CPU: arguments, sampling parameters, prompts,
 serializer, IPC receiver, model name mapping, backend choice), tests/rollout/test_vllm_engine.py
-(the engine end to end against vLLM's CPU-side code with the forward pass stood in, and a GPU test).
+(the engine end to end against vLLM's CPU-side code with the forward pass stood in) and
+tests/rollout/test_vllm_gpu.py (real vLLM on a GPU).
 """
 
 from __future__ import annotations

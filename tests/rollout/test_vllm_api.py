@@ -96,7 +96,7 @@ def test_engine_kwargs_bind_to_vllm_llm(vllm_api, tiny_qwen25):
         assert args.mm_processor_kwargs == {"min_pixels": BOUNDS[0], "max_pixels": BOUNDS[1]}
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_calls=1)  # the worker process exits after the call: vLLM leaves with it
 def _executor_backend(side_dir: str, tensor_parallel_size: int, engine_kwargs: dict) -> str:
     """vLLM's executor choice for an engine started in this Ray worker (inside a placement group)."""
     import os
