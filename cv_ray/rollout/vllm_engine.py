@@ -17,8 +17,8 @@
   and the importance ratio is no longer 1 on-policy (use top_p = 1 for RL).
 * Weights: vLLM's native weight transfer with the CUDA-IPC backend
   (``weight_transfer_config={"backend": "ipc"}``): ``start_weight_update()``, then per bucket of at
-  most ``WEIGHT_BUCKET_BYTES`` the full HF-named tensors are copied to every GPU of the engine and
-  sent as ``update_weights({"update_info": {names, dtype_names, shapes, ipc_handles}})``, each
+  most ``WEIGHT_BUCKET_BYTES`` the full HF-named tensors are copied to every GPU of the engine (the
+  copies live until the update is finished: vLLM may hold their views until then) and sent as ``update_weights({"update_info": {names, dtype_names, shapes, ipc_handles}})``, each
   handle a ``{gpu_uuid: args}`` map where ``args`` are the *arguments* of
   ``torch.multiprocessing.reductions.reduce_tensor`` (vLLM's receiver,
   ``vllm/distributed/weight_transfer/ipc_engine.py``, puts its own device index at ``args[6]`` and
@@ -139,13 +139,16 @@ def ipc_update_info(named_tensors: Sequence[tuple[str, torch.Tensor]],
     targets: ``(GPU UUID, device)`` of every GPU of the vLLM instance; each vLLM worker picks the
     handle of its own GPU. A handle is the argument tuple of ``reduce_tensor`` (not its
     ``(rebuild_fn, args)`` pair): the receiver calls ``rebuild_cuda_tensor(*args)`` itself. The
-    copies must stay referenced until the update is finished.
+    copies must stay referenced until the update is *finished*: vLLM's layerwise reload keeps the
+    received views of a layer until all of that layer's tensors arrived (possibly in a later bucket)
+    and processes some layers only in ``finish_weight_update``, and a CUDA-IPC view does not keep
+    the sender's memory alive.
     """
     names, dtype_names, shapes, handles, keep = [], [], [], [], []
     for name, tensor in named_tensors:
         per_gpu = {}
         for uuid, device in targets:
-            copy = tensor.detach().to(device).contiguous()
+            copy = tensor.detach().to(device=device, memory_format=torch.contiguous_format, copy=True)
             keep.append(copy)
             _rebuild, args = reduce_tensor(copy)
             per_gpu[uuid] = args
@@ -233,27 +236,29 @@ class VLLMEngine(Engine):
     def _load_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
         targets = self._weight_targets()
         sent = 0
-        with self._llm_lock:
-            self.llm.start_weight_update()
-            try:
-                for bucket in weight_buckets(named_tensors, WEIGHT_BUCKET_BYTES):
-                    self._send(bucket, targets)
-                    sent += len(bucket)
-            except Exception as error:
-                self.failed_updates += 1
-                raise self._abandon_update(error, sent, len(named_tensors)) from error
-            finally:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            self.llm.finish_weight_update()
-            self._reset_caches()
-            self.weight_version += 1
+        # The device copies every handle points at, alive until vLLM has finished the update (see
+        # ipc_update_info): one copy of the sent weights per GPU of the engine at the peak.
+        shared: list[torch.Tensor] = []
+        try:
+            with self._llm_lock:
+                self.llm.start_weight_update()
+                try:
+                    for bucket in weight_buckets(named_tensors, WEIGHT_BUCKET_BYTES):
+                        info, copies = ipc_update_info(bucket, targets)
+                        shared.extend(copies)
+                        self.llm.update_weights({"update_info": info})
+                        sent += len(bucket)
+                except Exception as error:
+                    self.failed_updates += 1
+                    raise self._abandon_update(error, sent, len(named_tensors)) from error
+                self.llm.finish_weight_update()
+                self._reset_caches()
+                self.weight_version += 1
+        finally:
+            shared.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         return self.weight_version
-
-    def _send(self, bucket: list[tuple[str, torch.Tensor]], targets: list[tuple[str, torch.device]]) -> None:
-        info, keep = ipc_update_info(bucket, targets)
-        self.llm.update_weights({"update_info": info})
-        del keep
 
     def _abandon_update(self, error: Exception, sent: int, total: int) -> WeightUpdateError:
         """Close vLLM's update session after ``error`` and say what state the weights are in.

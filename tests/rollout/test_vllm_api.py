@@ -200,10 +200,12 @@ def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
 # ------------------------------------------------------------------------------ weight updates
 
 
-def _cuda_like_update(named: list[tuple[str, torch.Tensor]], ipc: FakeCudaIpc, monkeypatch) -> dict:
-    """``ipc_update_info`` with torch's CUDA export layout (``FakeCudaIpc``): what the engine sends on a GPU node."""
+def _cuda_like_update(named: list[tuple[str, torch.Tensor]], ipc: FakeCudaIpc, monkeypatch, keep: list) -> dict:
+    """``ipc_update_info`` with torch's CUDA export layout (``FakeCudaIpc``): what the engine sends on a GPU
+    node. The shared copies go to ``keep``, which must live until the update is finished."""
     monkeypatch.setattr(vllm_engine, "reduce_tensor", ipc.reduce_tensor)
-    info, _keep = ipc_update_info(named, [(ipc.uuid, torch.device("cpu"))])
+    info, copies = ipc_update_info(named, [(ipc.uuid, torch.device("cpu"))])
+    keep.extend(copies)
     return info
 
 
@@ -216,7 +218,7 @@ def test_msgpack_refuses_ipc_handles_without_the_launch_environment(vllm_api, mo
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     ipc = FakeCudaIpc()
-    info = _cuda_like_update([("lm_head.weight", torch.randn(6, 4))], ipc, monkeypatch)
+    info = _cuda_like_update([("lm_head.weight", torch.randn(6, 4))], ipc, monkeypatch, keep=[])
     monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
     with pytest.raises(TypeError, match="VLLM_ALLOW_INSECURE_SERIALIZATION"):
         MsgpackEncoder().encode({"update_info": info})
@@ -273,12 +275,14 @@ def test_ipc_update_reaches_vllm_receiver_and_model(configs, distributed, tiny_q
         monkeypatch.setenv(key, value)
     receiver = ipc_engine.IPCWeightTransferEngine(config.weight_transfer_config, config, torch.device("cuda", 3), model)
     receiver.init_transfer_engine(receiver.parse_init_info({"packed": False}))
+    shared: list[torch.Tensor] = []
     with set_current_vllm_config(config):
         receiver.start_weight_update()
         for bucket in vllm_engine.weight_buckets(new, max_bytes=64 * 1024):
-            info = _cuda_like_update(bucket, ipc, monkeypatch)
+            info = _cuda_like_update(bucket, ipc, monkeypatch, shared)
             receiver.update_weights(MsgpackDecoder().decode(MsgpackEncoder().encode(info)))
         receiver.finish_weight_update()
+    shared.clear()  # the sender's copies go; the model must hold its own values by now
     assert set(ipc.rebuilt_on) == {3}
     params = dict(model.named_parameters())
     layer = "model.language_model.layers.1"

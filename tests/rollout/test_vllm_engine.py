@@ -116,6 +116,26 @@ def test_generate_and_update_weights_through_vllm(cpu_engine, tiny_qwen25):
 
 
 @pytest.mark.vllm_api
+def test_shared_copies_live_until_the_update_is_finished(cpu_engine, tiny_qwen25, monkeypatch):
+    """With buckets that split layers, every tensor still lands intact: the engine keeps the memory its
+    IPC handles point at until ``finish_weight_update`` (vLLM's layerwise reload holds a layer's views
+    until the layer is complete; FakeCudaIpc poisons memory the sender dropped, as reuse would).
+
+    Mutant: each bucket's copies released right after its ``update_weights`` call (NaNs in the
+    layers that straddle two buckets)."""
+    engine, _ = cpu_engine
+    monkeypatch.setattr(vllm_engine, "WEIGHT_BUCKET_BYTES", 16 * 1024)
+    weights = _new_weights(tiny_qwen25)
+    assert len(list(weight_buckets(weights, 16 * 1024))) > 10
+    assert asyncio.run(engine.update_weights(weights)) == 1
+    params = dict(engine.llm.model.named_parameters())
+    layer = "model.language_model.layers.1"
+    assert torch.equal(params["language_model.model.layers.1.self_attn.qkv_proj.weight"],
+                       torch.cat([weights[f"{layer}.self_attn.{x}_proj.weight"] for x in "qkv"]))
+    assert not any(torch.isnan(p).any() for p in params.values())
+
+
+@pytest.mark.vllm_api
 def test_caches_reset_after_every_update_before_generation(cpu_engine, tiny_qwen25):
     """After each update, before any later generation, the prefix cache and the encoder cache are reset
     (their KV and vision embeddings were computed with the old weights).

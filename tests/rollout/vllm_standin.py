@@ -19,8 +19,9 @@ Only these are stood in, because they need a GPU:
 * the forward pass: a request yields ``CpuLLM.script`` and then its first stop token, with
   log-probs ``-0.25 * (k + 1)``;
 * CUDA IPC: :class:`FakeCudaIpc` exports CPU tensors with the argument layout torch's
-  ``reduce_tensor`` gives a CUDA tensor (15 arguments: device index at [6], handle at [7]) and
-  rebuilds them from that layout;
+  ``reduce_tensor`` gives a CUDA tensor (15 arguments: device index at [6], handle at [7]), rebuilds
+  them from that layout, and poisons the memory once the sender drops its tensor (a CUDA-IPC view
+  does not keep the sender's block alive);
 * the worker's update-session bookkeeping, which mirrors ``vllm/v1/worker/gpu_worker.py`` (start
   refuses while a session is open; an error in the receiver closes it; finish without a session
   raises); an error in the serializer happens before any worker sees the call, as in vLLM.
@@ -31,6 +32,7 @@ tests/rollout/test_vllm_engine.py checks that every method the engine calls here
 
 from __future__ import annotations
 
+import weakref
 from types import SimpleNamespace
 
 import torch
@@ -51,6 +53,9 @@ class FakeCudaIpc:
         handle = f"cuda-ipc-{len(self.exported)}".encode()
         self.exported[handle] = tensor
         storage = tensor._typed_storage()
+        # A CUDA-IPC mapping does not keep the sender's memory alive: once the sender drops its tensor,
+        # the caching allocator hands the block to someone else. Model that by filling it with NaNs.
+        weakref.finalize(tensor, tensor.untyped_storage().fill_, 0xFF)
         args = (type(tensor), tensor.size(), tensor.stride(), tensor.storage_offset(), type(storage), tensor.dtype,
                 0, handle, storage.nbytes(), 0, tensor.requires_grad, b"ref-counter", 0, b"event", False)
         return rebuild_cuda_tensor, args
@@ -58,10 +63,11 @@ class FakeCudaIpc:
     def rebuild_cuda_tensor(self, tensor_cls, size, stride, offset, storage_cls, dtype, device, handle,
                             *_rest) -> torch.Tensor:
         """The receiver's view of the exported memory (shared, like a CUDA-IPC mapping)."""
-        source = self.exported[bytes(handle)]
+        source = self.exported.pop(bytes(handle))  # from here on only the sender keeps its tensor alive
         assert dtype == source.dtype, (dtype, source.dtype)
         self.rebuilt_on.append(device)
-        return source.as_strided(tuple(size), tuple(stride), offset)
+        # A view on the storage that does not reference the sender's tensor object (as a mapping would not).
+        return torch.empty(0, dtype=dtype).set_(source.untyped_storage(), offset, tuple(size), tuple(stride))
 
 
 class CpuLLM:
