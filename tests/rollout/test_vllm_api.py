@@ -18,7 +18,7 @@ import tomllib
 import torch
 import vllm_api as vllm_api_lib
 from rollout_testlib import noise_image
-from vllm_api import REPO, SIDE_DIR, CpuDistributed, cpu_vllm_model, vllm_config_for
+from vllm_api import REPO, SIDE_DIR, cpu_vllm_model, vllm_config_for
 from vllm_standin import FakeCudaIpc
 
 from cv_ray.agent.chat import ChatCodec
@@ -35,14 +35,8 @@ FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 # Pixel bounds other than the tiny checkpoints' own, so that a dropped bound changes the counts.
 BOUNDS = (28 * 28 * 8, 28 * 28 * 16)
 
-vllm_api = vllm_api_lib.vllm_api  # the fixture, by its name in this module
-
-
-@pytest.fixture(scope="module")
-def distributed(vllm_api):
-    state = CpuDistributed()
-    yield state
-    state.close()
+# The fixtures of tests/rollout/vllm_api.py, by their names in this module.
+vllm_api, distributed = vllm_api_lib.vllm_api, vllm_api_lib.distributed
 
 
 @pytest.fixture(scope="module")

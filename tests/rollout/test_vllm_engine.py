@@ -16,7 +16,6 @@ import torch
 import vllm_api as vllm_api_lib
 import vllm_standin
 from rollout_testlib import noise_image
-from vllm_api import CpuDistributed
 
 from cv_ray.agent.chat import ChatCodec
 from cv_ray.rollout import vllm_engine
@@ -42,14 +41,8 @@ def test_weight_buckets_stay_under_the_bound_in_order():
     assert [[name for name, _ in b] for b in buckets] == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"]]
     assert all(sum(t.numel() * 4 for _, t in b) <= 80 for b in buckets if len(b) > 1)
 
-vllm_api = vllm_api_lib.vllm_api  # the fixture, by its name in this module
-
-
-@pytest.fixture(scope="module")
-def distributed(vllm_api):
-    state = CpuDistributed()
-    yield state
-    state.close()
+# The fixtures of tests/rollout/vllm_api.py, by their names in this module.
+vllm_api, distributed = vllm_api_lib.vllm_api, vllm_api_lib.distributed
 
 
 @pytest.fixture

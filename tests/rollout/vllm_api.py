@@ -110,6 +110,14 @@ class CpuDistributed:
             self.up = False
 
 
+@pytest.fixture(scope="module")
+def distributed(vllm_api):
+    """vLLM's one-process parallel state for the models a module of tests builds."""
+    state = CpuDistributed()
+    yield state
+    state.close()
+
+
 def vllm_config_for(engine_kwargs: dict):
     """The ``VllmConfig`` vLLM builds from an engine's ``LLM`` arguments on its CPU platform (fp32, no compilation)."""
     from vllm.engine.arg_utils import EngineArgs
