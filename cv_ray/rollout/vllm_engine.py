@@ -8,7 +8,7 @@
   expands **one** ``<|image_pad|>`` per image into the right number of copies, so the expanded runs
   that our token accounting keeps (and the learner needs) are collapsed to one token per image
   before the call (feeding expanded ids would expand them twice; TRL #6294, prime-rl #1739). With
-  the same pixel bounds (``image_pixels`` -> ``mm_processor_kwargs``) vLLM's expansion equals ours
+  the same pixel bounds (``processor_kwargs`` -> ``mm_processor_kwargs``) vLLM's expansion equals ours
   id for id (tests/rollout/test_vllm_api.py runs vLLM's input processor on both tiny models).
 * Log-probs: the engine is created with ``logprobs_mode="processed_logprobs"`` and requests the
   sampled token's log-prob (``logprobs=0``). With the placeholder ids banned through ``bad_words``
@@ -71,12 +71,12 @@ def collapse_placeholders(ids: Sequence[int], placeholder_id: int) -> list[int]:
 
 
 def engine_kwargs(model_path: str, cfg: VLLMConfig, max_images_per_prompt: int, seed: int = 0,
-                  image_pixels: tuple[int, int] | None = None) -> dict[str, Any]:
+                  processor_kwargs: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The ``vllm.LLM(**kwargs)`` arguments of one rollout engine (checked against vLLM's ``EngineArgs``).
 
-    ``image_pixels``: ``(min_pixels, max_pixels)`` for vLLM's image processor, the bounds our own
-    processor uses (``None``: the checkpoint's ``preprocessor_config.json``); placeholder counts only
-    agree when both sides resize alike.
+    ``processor_kwargs``: the image bounds our own processor uses (``min_pixels`` / ``max_pixels``),
+    passed to vLLM's image processor as ``mm_processor_kwargs`` (empty or ``None``: the checkpoint's
+    ``preprocessor_config.json``); placeholder counts only agree when both sides resize alike.
     """
     kwargs: dict[str, Any] = {
         "model": str(model_path),
@@ -91,8 +91,8 @@ def engine_kwargs(model_path: str, cfg: VLLMConfig, max_images_per_prompt: int, 
         "seed": seed,
         **vllm_launch(cfg.tensor_parallel_size).engine_kwargs,
     }
-    if image_pixels is not None:
-        kwargs["mm_processor_kwargs"] = {"min_pixels": int(image_pixels[0]), "max_pixels": int(image_pixels[1])}
+    if processor_kwargs:
+        kwargs["mm_processor_kwargs"] = {key: int(value) for key, value in processor_kwargs.items()}
     return kwargs
 
 
@@ -165,7 +165,7 @@ class WeightUpdateError(RuntimeError):
 
 class VLLMEngine(Engine):
     def __init__(self, model_path: str, cfg: VLLMConfig, max_images_per_prompt: int, seed: int = 0,
-                 max_batch_size: int = 256, image_pixels: tuple[int, int] | None = None):
+                 max_batch_size: int = 256, processor_kwargs: Mapping[str, int] | None = None):
         # Before vLLM is imported or started: its processes read these at start-up.
         os.environ.update(vllm_launch(cfg.tensor_parallel_size).env)
         import vllm
@@ -179,7 +179,7 @@ class VLLMEngine(Engine):
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.image_token_id = int(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
         self._banned_words = {i: tokenizer.convert_ids_to_tokens(i) for i in banned_token_ids(tokenizer)}
-        self.llm = vllm.LLM(**engine_kwargs(self.model_path, cfg, max_images_per_prompt, seed, image_pixels))
+        self.llm = vllm.LLM(**engine_kwargs(self.model_path, cfg, max_images_per_prompt, seed, processor_kwargs))
         # The IPC receiver's wire setting, stated rather than left to vLLM's default: one handle per tensor.
         self.llm.init_weight_transfer_engine({"init_info": {"packed": False}})
         self._llm_lock = threading.Lock()

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.vllm_api
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 # Pixel bounds other than the tiny checkpoints' own, so that a dropped bound changes the counts.
-BOUNDS = (28 * 28 * 8, 28 * 28 * 16)
+BOUNDS = {"min_pixels": 28 * 28 * 8, "max_pixels": 28 * 28 * 16}
 
 # The fixtures of tests/rollout/vllm_api.py, by their names in this module.
 vllm_api, distributed = vllm_api_lib.vllm_api, vllm_api_lib.distributed
@@ -82,12 +82,12 @@ def test_engine_kwargs_bind_to_vllm_llm(vllm_api, tiny_qwen25):
     from vllm.engine.arg_utils import EngineArgs
 
     for tp in (1, 4):
-        kwargs = engine_kwargs(str(tiny_qwen25), VLLMConfig(tensor_parallel_size=tp), 8, image_pixels=BOUNDS)
+        kwargs = engine_kwargs(str(tiny_qwen25), VLLMConfig(tensor_parallel_size=tp), 8, processor_kwargs=BOUNDS)
         inspect.signature(vllm_api.LLM.__init__).bind(None, **kwargs)
         args = EngineArgs(**kwargs)
         assert args.tensor_parallel_size == tp
         assert args.distributed_executor_backend == ("mp" if tp > 1 else None)
-        assert args.mm_processor_kwargs == {"min_pixels": BOUNDS[0], "max_pixels": BOUNDS[1]}
+        assert args.mm_processor_kwargs == BOUNDS
 
 
 @ray.remote(num_cpus=0, max_calls=1)  # the worker process exits after the call: vLLM leaves with it
@@ -159,17 +159,16 @@ def test_vllm_expands_image_placeholders_like_our_codec(vllm_api, tiny_model_dir
     ``multi_modal_data``) into exactly the ids our codec built with the HF processor, for the same
     pixel bounds; each image's placeholder run sits where ours does.
 
-    Mutants: placeholders not collapsed (vLLM rejects or double-expands them); ``image_pixels`` not
+    Mutants: placeholders not collapsed (vLLM rejects or double-expands them); ``processor_kwargs`` not
     passed to vLLM as ``mm_processor_kwargs`` (the counts differ under custom bounds)."""
     from transformers import AutoProcessor
     from vllm.v1.engine.input_processor import InputProcessor
 
     path = tiny_model_dirs[family]
-    hf_kwargs = {} if bounds is None else {"min_pixels": bounds[0], "max_pixels": bounds[1]}
-    codec = ChatCodec(AutoProcessor.from_pretrained(path, **hf_kwargs))
+    codec = ChatCodec(AutoProcessor.from_pretrained(path, **(bounds or {})))
     images = [noise_image(300, 200), noise_image(90, 170, 1)]
     prompt = codec.encode_prompt("What is in the images?", images)
-    kwargs = engine_kwargs(str(path), VLLMConfig(max_model_len=8192), 4, image_pixels=bounds)
+    kwargs = engine_kwargs(str(path), VLLMConfig(max_model_len=8192), 4, processor_kwargs=bounds)
     processor = InputProcessor(vllm_config_for(kwargs))
     request = processor.process_inputs("r0", vllm_prompt(GenerationRequest(prompt.ids, images), codec.image_token_id),
                                        vllm_api.SamplingParams(max_tokens=4), supported_tasks=("generate",))
