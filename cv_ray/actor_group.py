@@ -12,9 +12,11 @@ half-way never leaves actors behind::
 Methods are reached through the actor handles themselves (``actor.method.remote(...)``), never by
 name, so a renamed method breaks at import time in the editor rather than mid-run.
 
-``bundles`` places the actors in a placement group created here (and removed at shutdown); actor
-``i`` takes bundle ``bundle_of(i)`` (default ``i``). The group's ``on_shutdown`` runs a graceful
-call on each live actor (bounded by ``shutdown_timeout_s``) before the actors are killed.
+``placement`` (a :class:`~cv_ray.placement.GroupPlacement`, the pure plan of ``cv_ray/placement.py``)
+places the actors in a placement group created here (and removed at shutdown): actor ``i`` takes
+bundle ``placement.actor_bundle[i]`` with ``placement.actor_options[i]``. The group's ``on_shutdown``
+runs a graceful call on each live actor (bounded by ``shutdown_timeout_s``) before the actors are
+killed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import ray
+
+from cv_ray.placement import GroupPlacement
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +41,14 @@ ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError
 
 class ActorGroup(Generic[T]):
     def __init__(self, actor_cls: Any, count: int, *, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-                 options: Callable[[int], dict[str, Any]] | None = None,
-                 bundles: Sequence[dict[str, float]] | None = None, strategy: str = "PACK",
-                 bundle_of: Callable[[int], int] | None = None,
+                 options: Callable[[int], dict[str, Any]] | None = None, placement: GroupPlacement | None = None,
                  on_shutdown: Callable[[Handle], Ref] | None = None, shutdown_timeout_s: float = 30.0,
                  name: str = "") -> None:
         """Start ``count`` actors of ``actor_cls`` (a ``@ray.remote`` class) with ``args``/``kwargs``.
 
         ``options(i)``: the ``.options(...)`` of actor ``i`` (resources, concurrency, restarts).
-        ``bundles``: resource bundles of a placement group to create and place the actors in.
+        ``placement``: a placement group to create and place the actors in (its per-actor resources
+        override ``options``).
         """
         if count < 1:
             raise ValueError(f"an actor group needs at least one actor, got {count}")
@@ -54,18 +57,21 @@ class ActorGroup(Generic[T]):
         self._shutdown_timeout_s = shutdown_timeout_s
         self.placement_group = None
         self._actors: list[Handle] = []
-        if bundles is not None:
+        if placement is not None:
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            self.placement_group = placement_group(list(bundles), strategy=strategy)
+            if len(placement.actor_bundle) != count:
+                raise ValueError(f"{self.name}: a placement for {len(placement.actor_bundle)} actors, not {count}")
+            self.placement_group = placement_group(list(placement.bundles), strategy=placement.strategy)
             ray.get(self.placement_group.ready())
         try:
             for i in range(count):
                 opts = dict(options(i)) if options else {}
-                if self.placement_group is not None:
-                    index = bundle_of(i) if bundle_of else i
-                    opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group, index)
+                if placement is not None:
+                    opts.update(placement.actor_options[i])
+                    opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group,
+                                                                                   placement.actor_bundle[i])
                 self._actors.append(actor_cls.options(**opts).remote(*args, **(kwargs or {})))
         except BaseException:
             self.shutdown()

@@ -23,7 +23,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cv_ray"
 #: Bottom to top. Imports go down only. Subpackages hold many modules; top-level modules one.
 FLOORS: list[str] = [
     "types", "errors",                     # records that cross actors; the config error
-    "geometry", "logprobs",                # pure helpers
+    "geometry", "logprobs", "buckets",     # pure helpers
+    "placement",                           # pure placement plans
     "actor_group",                         # the generic Ray actor group
     "sandbox", "reward", "agent",          # code execution; scoring; the multi-turn loop
     "models", "data",                      # model directories and processors; datasets

@@ -4,16 +4,19 @@
 #
 #   bash tools/setup_env.sh            # then use .venv/bin/cv-ray and .venv/bin/python -m pytest
 #
-# CV_RAY_TORCH overrides the torch pin (e.g. "torch==2.14.1 torchvision==0.29.1" on CUDA nodes).
+# CV_RAY_TORCH overrides the torch pin and CV_RAY_EXTRAS the extras. A GPU node with vLLM (README,
+# "GPU nodes"): CV_RAY_TORCH="torch==2.14.0 torchvision==0.29.0" CV_RAY_EXTRAS=dev,vllm, the set vllm 0.33.0 pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
 torch_spec=${CV_RAY_TORCH:-"torch==2.14.1 torchvision==0.29.1"}
+extras=${CV_RAY_EXTRAS:-dev}
 stamp=.venv/.cv_ray-setup
-want=$(cat pyproject.toml tools/setup_env.sh | sha256sum | cut -c1-16)
+want=$( (cat pyproject.toml tools/setup_env.sh; echo "$torch_spec [$extras]") | sha256sum | cut -c1-16)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/cv-ray ]; then
+  bash tools/setup_vllm_api.sh   # vLLM's Python code for the vllm_api tests (own stamp; see that script)
   exit 0
 fi
 echo "cv_ray setup: creating .venv and installing dependencies (first run takes a few minutes)" >&2
@@ -22,9 +25,10 @@ echo "cv_ray setup: creating .venv and installing dependencies (first run takes 
 # torch first and pinned, so no other requirement pulls a different (multi-GB) build.
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q $torch_spec
-.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python -m pip install -q -e ".[$extras]"
 # DeepSpeed compiles a CPU op the first time a learner starts (~1 min); build it now, into this
 # virtualenv's own cache (cv_ray/learner/deepspeed_ops.py says why), so no run or test pays for it.
 .venv/bin/python -m cv_ray.learner.deepspeed_ops
 echo "$want" > "$stamp"
+bash tools/setup_vllm_api.sh
 echo "cv_ray setup: done" >&2

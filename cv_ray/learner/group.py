@@ -37,6 +37,7 @@ from cv_ray.learner.config import LearnerConfig
 from cv_ray.learner.losses import AGGREGATIONS, TokenMean
 from cv_ray.learner.rank_actor import LearnerRank
 from cv_ray.models import ModelRef
+from cv_ray.placement import learner_placement
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,10 @@ class LearnerGroup(GroupShell):
         cfg.validate()
         self.cfg, self.seed, self.global_step = cfg, seed, 0
         world = cfg.num_ranks
+        # One PACK placement group (cv_ray/placement.py): the ranks share as few nodes as fit, so
+        # ZeRO-3's per-step gathers stay on a node where they can; SFT and RL groups alike.
         self.actors = ActorGroup(LearnerRank, world, name="learner ranks",
-                                 options=lambda r: {"num_cpus": cfg.cpus_per_rank, "num_gpus": cfg.gpus_per_rank},
+                                 placement=learner_placement(world, cfg.gpus_per_rank, cfg.cpus_per_rank),
                                  on_shutdown=lambda rank: rank.shutdown.remote())
         try:
             addr, port = ray.get(self.ranks[0].rendezvous_address.remote())
@@ -75,6 +78,11 @@ class LearnerGroup(GroupShell):
     def ranks(self) -> list:
         """The rank actors, rank 0 first."""
         return self.actors.actors
+
+    @property
+    def placement_group(self):
+        """The ranks' PACK placement group (removed at shutdown)."""
+        return self.actors.placement_group
 
     # ------------------------------------------------------------------------------- data split
 

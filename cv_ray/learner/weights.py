@@ -14,25 +14,12 @@ from collections.abc import Iterator
 
 import torch
 
+from cv_ray.buckets import size_buckets
+
 
 def full_numel(param: torch.nn.Parameter) -> int:
     """Number of elements of the whole parameter, partitioned (ZeRO-3) or not."""
     return int(getattr(param, "ds_numel", param.numel()))
-
-
-def _buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_numel: int
-             ) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
-    bucket: list[tuple[str, torch.nn.Parameter]] = []
-    size = 0
-    for name, param in named:
-        n = full_numel(param)
-        if bucket and size + n > bucket_numel:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, param))
-        size += n
-    if bucket:
-        yield bucket
 
 
 def iter_full_weights(module: torch.nn.Module, partitioned: bool, keep: bool, bucket_numel: int
@@ -44,7 +31,7 @@ def iter_full_weights(module: torch.nn.Module, partitioned: bool, keep: bool, bu
     of the ``*ForConditionalGeneration`` model); tied parameters appear under each of their names.
     """
     named = list(module.named_parameters(remove_duplicate=False))
-    for bucket in _buckets(named, bucket_numel):
+    for bucket in size_buckets(named, bucket_numel, full_numel):
         params = [p for _, p in bucket]
         if partitioned:
             import deepspeed

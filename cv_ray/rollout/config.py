@@ -12,11 +12,21 @@ class VLLMConfig:
     tensor_parallel_size: int = 1
     """GPUs one vLLM engine shards the model over (tensor parallelism)."""
     gpu_memory_utilization: float = 0.6
-    """Fraction of GPU memory vLLM may take (weights + KV cache)."""
+    """Fraction of the GPU's memory vLLM may take (weights + KV cache); on a GPU shared with a learner
+    rank (fractional `rollout.gpus_per_worker`) leave the rest for the learner."""
     enable_sleep_mode: bool = False
     """Free the KV cache between rollouts (colocated training)."""
     max_model_len: int = 32768
     """Longest prompt + response vLLM plans its KV cache for (tokens)."""
+    enforce_eager: bool = False
+    """Skip CUDA-graph capture and torch.compile (faster start, slower decoding: smoke tests, debugging)."""
+
+    def validate(self, prefix: str = "rollout.vllm") -> None:
+        require_at_least(self, prefix, "tensor_parallel_size", 1)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"{prefix}.gpu_memory_utilization", f"got {self.gpu_memory_utilization}",
+                              "use a fraction in (0, 1], e.g. 0.6 (0.3 on a GPU shared with the learner)")
+        require_at_least(self, prefix, "max_model_len", 1)
 
 
 @dataclass
@@ -80,10 +90,17 @@ class RolloutConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{prefix}.top_p", f"got {self.top_p}", "use a value in (0, 1]")
         require_at_least(self, prefix, "max_turns", 1)
-        if self.engine == "vllm" and self.gpus_per_worker < self.vllm.tensor_parallel_size:
-            raise ConfigError(f"{prefix}.gpus_per_worker",
-                              f"{self.gpus_per_worker} GPUs for tensor_parallel_size={self.vllm.tensor_parallel_size}",
-                              "set rollout.gpus_per_worker to at least rollout.vllm.tensor_parallel_size")
+        if self.engine == "vllm":
+            self.vllm.validate(f"{prefix}.vllm")
+            tp = self.vllm.tensor_parallel_size
+            # One bundle holds exactly the engine's GPUs (cv_ray.placement); only a one-GPU engine may
+            # take a fraction of a GPU (a GPU shared with a learner rank).
+            fits = 0 < self.gpus_per_worker <= 1 if tp == 1 else self.gpus_per_worker == tp
+            if not fits:
+                raise ConfigError(f"{prefix}.gpus_per_worker",
+                                  f"{self.gpus_per_worker} GPUs for tensor_parallel_size={tp}",
+                                  "set rollout.gpus_per_worker to rollout.vllm.tensor_parallel_size (or a fraction "
+                                  "in (0, 1] with tensor_parallel_size=1, to share a GPU with the learner)")
         if self.max_new_tokens_per_turn < 1 or self.max_response_tokens < 1:
             raise ConfigError(f"{prefix}.max_new_tokens_per_turn",
                               f"max_new_tokens_per_turn={self.max_new_tokens_per_turn}, "

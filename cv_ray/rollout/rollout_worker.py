@@ -25,6 +25,7 @@ import torch
 
 from cv_ray.actor_group import ActorGroup, GroupShell
 from cv_ray.models import ModelRef
+from cv_ray.placement import rollout_placement
 from cv_ray.rollout.config import RolloutConfig
 from cv_ray.rollout.metrics import batch_metrics
 from cv_ray.types import Task, Trajectory
@@ -78,12 +79,13 @@ def split_evenly(n_items: int, n_parts: int) -> list[tuple[int, int]]:
 class RolloutGroup(GroupShell):
     def __init__(self, model: ModelRef | str, cfg: RolloutConfig, sandbox_group: Any):
         self.cfg = cfg
-        on_gpu = cfg.gpus_per_worker > 0
-        bundles = [{"GPU": cfg.gpus_per_worker, "CPU": cfg.cpus_per_worker}] * cfg.num_workers if on_gpu else None
+        # On GPUs each worker holds one bundle with all of its engine's GPUs (cv_ray/placement.py);
+        # CPU workers need no placement group.
+        placement = (rollout_placement(cfg.num_workers, cfg.gpus_per_worker, cfg.cpus_per_worker)
+                     if cfg.gpus_per_worker > 0 else None)
         self.actors = ActorGroup(
-            RolloutWorker, cfg.num_workers, args=(ModelRef.of(model), cfg, sandbox_group), bundles=bundles,
-            options=lambda i: {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker},
-            name="rollout workers")
+            RolloutWorker, cfg.num_workers, args=(ModelRef.of(model), cfg, sandbox_group), placement=placement,
+            options=lambda i: {"num_cpus": cfg.cpus_per_worker}, name="rollout workers")
 
     def rollout(self, tasks: list[Task], n_samples: int | None = None, temperature: float | None = None,
                 use_tools: bool = True, seed: int | None = None) -> tuple[list[Trajectory], dict[str, float]]:

@@ -77,6 +77,28 @@ def _mixed(processor, seed: int, rl: bool = False):
             + make_samples(processor, 2, seed=seed + 100, rl=rl, with_images=False))
 
 
+def test_ranks_are_packed_in_one_placement_group(setup):
+    """Every rank runs in the group's own PACK placement group, one bundle each (SFT and RL use this group).
+
+    Mutant: the ranks started with plain num_cpus/num_gpus options, no placement group (issue 22,
+    defect 6: ranks of one ZeRO-3 group may then land on different nodes)."""
+    from ray.util.placement_group import placement_group_table
+
+    group = setup.group
+    table = placement_group_table(group.placement_group)
+    assert table["strategy"] == "PACK" and table["state"] == "CREATED"
+    assert len(table["bundles"]) == len(group.ranks)
+
+    def placement_group_of(actor) -> str | None:  # runs inside each rank (a local function travels by value)
+        import ray.util
+
+        pg = ray.util.get_current_placement_group()
+        return pg.id.hex() if pg else None
+
+    inside = ray.get([rank.__ray_call__.remote(placement_group_of) for rank in group.ranks])
+    assert inside == [group.placement_group.id.hex()] * len(group.ranks)
+
+
 def test_sft_loss_decreases_on_a_fixed_batch(setup):
     samples = _mixed(setup.processor, seed=1)
     losses = [setup.group.sft_step(samples)["sft/loss"] for _ in range(6)]
