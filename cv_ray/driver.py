@@ -274,9 +274,9 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
 
 def rl_step(ctx: RunContext, step: int, tasks: list, rollout, reward, learner) -> dict[str, float]:
     """One GRPO step as numbered, timed phases. Returns every metric of the step."""
+    from cv_ray.dashboard import RolloutSample
     from cv_ray.learner.advantages import compute_advantages
     from cv_ray.learner.batch import rl_sample
-    from cv_ray.viewer import ViewerSample
 
     cfg = ctx.cfg
     timer = PhaseTimer()
@@ -295,10 +295,10 @@ def rl_step(ctx: RunContext, step: int, tasks: list, rollout, reward, learner) -
             learner_metrics = learner.rl_step([rl_sample(t, a) for (t, _), a in zip(flat, advantages)])
         with timer("weight_push"):  # 5. new weights to every rollout engine
             push_metrics = learner.push_weights(rollout.workers)
-    # 6. log (the caller writes the metrics; samples go to the viewer now)
+    # 6. log (the caller writes the metrics; samples go to the dashboard now)
     shown = flat[: ctx.cfg.logger.samples_per_step]
     task_of = {t.uid: t for t in tasks}
-    ctx.tracker.log_samples([ViewerSample.from_rollout(task_of[t.uid], t, b) for t, b in shown], step=step)
+    ctx.tracker.log_samples([RolloutSample.from_rollout(task_of[t.uid], t, b) for t, b in shown], step=step)
     return {**rollout_metrics, **reward_metrics, **adv_metrics, **_prefixed("learner", learner_metrics),
             **_prefixed("push", push_metrics), **timer.seconds}
 
