@@ -253,6 +253,7 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
             start_step, history = resumed["step"], resumed["history"]
             sampler.position = DataPosition(**resumed["data_position"])
             learner.push_weights(rollout.workers)  # the rollout engines still hold the pre-checkpoint weights
+        ctx.tracker.rewind("rl", start_step)  # each step shown once: forget logged steps this run does (again)
         metrics: dict[str, float] = {}
         for step in _progress(range(start_step, cfg.trainer.rl.steps), "rl", initial=start_step,
                               total=cfg.trainer.rl.steps):
