@@ -321,6 +321,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
     _ensure_data(ctx)
     model = Path(ctx.cfg.eval.model) if ctx.cfg.eval.model else ctx.latest_model()
     summaries, paths = evaluate(model, ctx.cfg, ctx.data_dir, ctx.work_dir / "eval")
+    ctx.tracker.log_eval_report(paths["report"].parent)
     with_tools = summaries.get("with_tools", {})
     final = {"eval/accuracy": with_tools.get("accuracy")}
     if "without_tools" in summaries:
