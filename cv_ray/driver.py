@@ -139,8 +139,8 @@ def _print_where(ctx: RunContext) -> None:
     lines = [f"run directory: {ctx.work_dir.resolve()}",
              f"  metrics:  {ctx.tracker.metrics_path}",
              f"  summary:  {ctx.work_dir / 'summary.json'}"]
-    if (ctx.work_dir / "viewer" / "index.html").exists():
-        lines.append(f"  viewer:   {ctx.work_dir / 'viewer' / 'index.html'}")
+    if ctx.tracker.dashboard is not None:
+        lines.append(f"  dashboard: {ctx.tracker.dashboard.index_path}")
     if (ctx.work_dir / "eval" / "report.md").exists():
         lines.append(f"  report:   {ctx.work_dir / 'eval' / 'report.md'}")
     print("\n".join(lines))
