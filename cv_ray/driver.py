@@ -211,6 +211,7 @@ def stage_sft(ctx: RunContext) -> dict[str, Any]:
     learner = LearnerGroup(ctx.base_model, replace(cfg.learner, lr=sched.lr), total_steps=steps, seed=cfg.trainer.seed,
                            temperature=cfg.rollout.temperature)
     metrics: dict[str, float] = {}
+    ctx.tracker.rewind("sft", 0)  # SFT starts over: a previous SFT stage's rows in this run directory go
     try:
         for step in _progress(range(steps), "sft"):
             t0 = time.perf_counter()
