@@ -85,7 +85,7 @@ class TrainerConfig:
     run_root: str = "runs"
     """Parent directory of run directories (relative to the directory cv-ray is started in)."""
     work_dir: str = "runs/default"
-    """Everything a run writes goes here (model, data, checkpoints, metrics, viewer, report).
+    """Everything a run writes goes here (model, data, checkpoints, metrics, dashboard, report).
     The YAML sets it to Hydra's output directory, so each sweep job gets its own."""
     seed: int = 0
     """Seeds the SFT and RL batch order and the learner (model-side RNG, RL mini-batch shuffles).
