@@ -212,7 +212,8 @@ def test_resume_rewinds_the_redone_steps(tmp_path, caplog):
 
     Mutants: rewind keeps the dropped steps' trajectory files; rewind drops the other stages' rows too."""
     first = Tracker(LoggerConfig(backends=["jsonl"]), tmp_path, run_name="t")
-    first.log({"sft/loss": 1.0}, step=0, stage="sft")
+    for step in range(3):
+        first.log({"sft/loss": 1.0 + step}, step=step, stage="sft")
     for step in range(4):
         first.log({"reward/total": float(step)}, step=step, stage="rl")
         first.dashboard.add_samples([], step=step, stage="rl")
@@ -223,16 +224,18 @@ def test_resume_rewinds_the_redone_steps(tmp_path, caplog):
         second = Tracker(LoggerConfig(backends=["jsonl"]), tmp_path, run_name="t")
     assert "1 unreadable line(s)" in caplog.text and (tmp_path / "metrics.jsonl.broken").exists()
     assert second.rewind("rl", 2) == 2
+    dash = tmp_path / "dashboard"
+    assert sorted(p.name for p in (dash / "data" / "steps" / "rl").iterdir()) == ["000000.js", "000001.js"]
+    assert sorted(p.name for p in (dash / "images" / "rl").iterdir()) == ["000000", "000001"]
     for step in (2, 3):
         second.log({"reward/total": 10.0 + step}, step=step, stage="rl")
         second.dashboard.add_samples([], step=step, stage="rl")
     second.close()
     rows = _rows(tmp_path / "metrics.jsonl")
     assert [(r["stage"], r["step"], r.get("reward/total", r.get("sft/loss"))) for r in rows] == [
-        ("sft", 0, 1.0), ("rl", 0, 0.0), ("rl", 1, 1.0), ("rl", 2, 12.0), ("rl", 3, 13.0)]
-    dash = tmp_path / "dashboard"
+        ("sft", 0, 1.0), ("sft", 1, 2.0), ("sft", 2, 3.0), ("rl", 0, 0.0), ("rl", 1, 1.0), ("rl", 2, 12.0), ("rl", 3, 13.0)]
     chunk = (dash / "data" / "metrics" / "0000.js").read_text().splitlines()
-    assert [json.loads(line[len("cvray.row("):-2])["step"] for line in chunk] == [0, 0, 1, 2, 3]
+    assert [json.loads(line[len("cvray.row("):-2])["step"] for line in chunk] == [0, 1, 2, 0, 1, 2, 3]
     state = json.loads((dash / "data" / "state.json").read_text())
     assert [s["step"] for s in state["steps"]] == [0, 1, 2, 3]
     assert sorted(p.name for p in (dash / "data" / "steps" / "rl").iterdir()) == [f"00000{i}.js" for i in range(4)]
