@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from cv_ray.data.config import DataConfig
-from cv_ray.errors import ConfigError
+from cv_ray.errors import ConfigError, require_at_least
 from cv_ray.learner.config import LearnerConfig
 from cv_ray.reward.config import RewardConfig
 from cv_ray.rollout.config import RolloutConfig
@@ -146,16 +146,12 @@ class LoggerConfig:
                 raise ConfigError(f"{prefix}.backends", f"unknown backend {backend!r}", "use console, jsonl and/or wandb")
         if self.wandb_mode not in ("online", "offline", "disabled"):
             raise ConfigError(f"{prefix}.wandb_mode", f"got {self.wandb_mode!r}", "use online, offline or disabled")
-        if self.samples_per_step < 0:
-            raise ConfigError(f"{prefix}.samples_per_step", f"got {self.samples_per_step}", "use 0 or more")
-        if self.collapse_window < 0:
-            raise ConfigError(f"{prefix}.collapse_window", f"got {self.collapse_window}",
-                              "use a number of steps, or 0 to turn the alarm off")
+        require_at_least(self, prefix, "samples_per_step", 0)
+        require_at_least(self, prefix, "collapse_window", 0)  # 0: no alarm
+        require_at_least(self, prefix, "collapse_min_rate", 0.0)
         if not 0 < self.collapse_drop <= 1:
             raise ConfigError(f"{prefix}.collapse_drop", f"got {self.collapse_drop}",
                               "use a fraction in (0, 1], e.g. 0.5 to warn when a rate halves")
-        if self.collapse_min_rate < 0:
-            raise ConfigError(f"{prefix}.collapse_min_rate", f"got {self.collapse_min_rate}", "use 0 or more")
 
 
 @dataclass

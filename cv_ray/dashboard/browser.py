@@ -200,7 +200,7 @@ class Browser:
             os.close(fd)
         self._profile.cleanup()
 
-    def __enter__(self) -> Browser:
+    def __enter__(self) -> Browser:  # noqa: PYI034 (Python 3.10 has no typing.Self)
         return self
 
     def __exit__(self, *exc) -> None:
