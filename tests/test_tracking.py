@@ -175,8 +175,13 @@ def test_jsonl_rows_and_dashboard_files(short_run):
     assert run["eval"] is not None and (dash / "data" / "eval.js").exists()
     step0 = (dash / "data" / "steps" / "rl" / "000000.js").read_text()
     assert step0.startswith("cvray.step(") and "undefined_name" in step0
-    with Image.open(dash / "images" / "rl" / "000000" / "0-1.jpg") as im:  # trajectory 0's tool output
+    step0_images = json.loads(step0[len("cvray.step("):-3])["samples"][0]["images"]
+    with Image.open(dash / step0_images[1]["src"]) as im:  # trajectory 0's tool output, at its size
         assert im.size == (56, 56)
+    # Each image is written once per step: the 4 samples of a task share image 0.
+    assert len(list((dash / "images" / "rl" / "000000").glob("*.t.jpg"))) == len(
+        {im["src"] for s in json.loads(step0[len("cvray.step("):-3])["samples"] for im in s["images"]}) < sum(
+        len(s.images) for s in short_run.samples[("rl", 0)])
     for name in ("index.html", "app.js", "style.css"):
         assert (dash / name).exists()
 

@@ -8,7 +8,8 @@ Layout under ``<run>/dashboard/`` (everything loads through ``<script>`` tags, b
     data/metrics/NNNN.js                 cvray.row({...}); one metric row a line, CHUNK_ROWS a file
     data/steps/<stage>/<step>.js         cvray.step({...}): that step's trajectories in full
     data/eval.js                         cvray.evalReport({...}): the evaluation report, if any
-    images/<stage>/<step>/<i>-<k>.jpg    trajectory i's image k, at most SCREEN_SIDE px (+ .t.jpg thumbs)
+    images/<stage>/<step>/<hash>.jpg     the step's images, at most SCREEN_SIDE px (+ .t.jpg thumbnails),
+                                         each written once (a GRPO group's samples share the task image)
 
 So a 500-step run stays light: a step's trajectories are loaded only when its page is opened, the
 index (``run.js``) holds one short line per logged step, metric rows are appended to the last chunk
@@ -17,6 +18,7 @@ only, and images are files sized for the screen.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -57,10 +59,20 @@ def _js_call(function: str, payload: Any) -> str:
     return f"cvray.{function}({json.dumps(_plain(payload), allow_nan=False, separators=(',', ':'))});\n"
 
 
-def _save_image(image: Image.Image, path: Path, side: int) -> None:
-    copy = image.convert("RGB")
-    copy.thumbnail((side, side))
-    copy.save(path, quality=88)
+def _save_image(image: Image.Image, folder: Path, saved: set[str]) -> str:
+    """Write ``image`` at screen size and as a thumbnail, once per folder (the samples of a GRPO group
+    share their task image); returns the file name without extension, named by the content."""
+    digest = hashlib.blake2b(f"{image.mode} {image.size}".encode(), digest_size=8)
+    digest.update(image.tobytes())
+    name = digest.hexdigest()
+    if name not in saved:
+        screen = image.convert("RGB")
+        screen.thumbnail((SCREEN_SIDE, SCREEN_SIDE))
+        screen.save(folder / f"{name}.jpg", quality=85)
+        screen.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        screen.save(folder / f"{name}.t.jpg", quality=85)
+        saved.add(name)
+    return name
 
 
 class Dashboard:
@@ -123,14 +135,9 @@ class Dashboard:
         if image_dir.exists():  # the same step logged again (a resumed run): its old images go
             shutil.rmtree(image_dir)
         image_dir.mkdir(parents=True)
-        views = []
+        views, saved = [], set()
         for i, sample in enumerate(samples):
-            names = []
-            for k, image in enumerate(sample.images):
-                name = f"{i}-{k}"
-                _save_image(image, image_dir / f"{name}.jpg", SCREEN_SIDE)
-                _save_image(image, image_dir / f"{name}.t.jpg", THUMB_SIDE)
-                names.append(f"images/{stage}/{step:06d}/{name}")
+            names = [f"images/{stage}/{step:06d}/{_save_image(image, image_dir, saved)}" for image in sample.images]
             views.append(self._sample_view(i, sample, names))
         path = self.data / "steps" / stage / f"{step:06d}.js"
         path.parent.mkdir(parents=True, exist_ok=True)
