@@ -166,10 +166,11 @@ class Tracker:
         for stage in dict.fromkeys(r["stage"] for r in self.rows):
             for metric in WATCHED:
                 history = [r for r in self.rows if r["stage"] == stage and isinstance(r.get(metric), float)]
+                steps, values = [r["step"] for r in history], [r[metric] for r in history]
                 current = None
                 for i in range(len(history)):
-                    alarm = self._collapse(metric, [r["step"] for r in history[:i + 1]],
-                                           [r[metric] for r in history[:i + 1]])
+                    lo = max(0, i - self.cfg.collapse_window)  # the alarm reads only the last window + 1 values
+                    alarm = self._collapse(metric, steps[lo:i + 1], values[lo:i + 1])
                     if alarm and current is None:
                         current = {"stage": stage, "metric": metric, "step": alarm.to_step,
                                    "from_step": alarm.from_step, "from_value": alarm.from_value,
@@ -193,8 +194,10 @@ class Tracker:
     def log_samples(self, samples: list[RolloutSample], step: int, stage: str = "rl") -> Path | None:
         """A step's trajectories: to the dashboard (returns its data file) and a wandb Table, one row per
         turn with its code, the image the call read, the image it returned, and the reward terms."""
+        if not samples:  # logger.samples_per_step=0
+            return None
         page = self.dashboard.add_samples(samples, step=step, stage=stage) if self.dashboard is not None else None
-        if self._wandb is not None and samples:
+        if self._wandb is not None:
             self._wandb_log(stage, step, {"samples": self._wandb_table(samples, step, stage)})
         return page
 
