@@ -7,7 +7,8 @@ each with a metric row shaped like the driver's (about 70 keys) and ``--samples`
 3 turns and 2 tool calls (a photo-like 1024 x 768 task image shared by a group of 8, a 768 x 1024
 turned copy and a 384 x 256 crop of each sample's own: each image written once at screen size and
 as a thumbnail). Reported: the
-seconds ``log`` and ``log_samples`` add to a step (median and p95), the size of the index
+seconds ``log`` and ``log_samples`` add to a step (median and p95, wall and this process's CPU: on a
+shared machine the CPU time is the steadier figure), the size of the index
 (``data/run.js``), of the metric chunks, of one step's data file and image folder, and of the
 whole dashboard; then headless Chromium opens the overview, the last step and one trajectory from
 ``file://`` and reports the time until each page is drawn (``document.body.dataset.rendered``).
@@ -33,18 +34,16 @@ from cv_ray.tracking import Tracker
 TERMS = ("acc", "fmt", "mandatory", "necessity", "exact", "emerge", "usage", "spurious")
 
 
-def _images(rng: np.random.Generator, task: int) -> list[Image.Image]:
-    """A photo-like task image (smooth gradients, shapes, mild sensor noise; pure noise would be JPEG's
-    worst case), its turned copy and a crop: what a trajectory of the method holds."""
+def _picture(rng: np.random.Generator, task: int) -> Image.Image:
+    """A photo-like 1024 x 768 task image: smooth gradients, flat shapes, mild sensor noise (pure noise
+    would be JPEG's worst case)."""
     y, x = np.mgrid[0:768, 0:1024]
     base = np.stack([128 + 100 * np.sin(x / (90 + task)), 128 + 100 * np.cos(y / 70), (x + y) % 256], axis=-1)
     for _ in range(12):  # flat shapes with edges
         x0, y0 = int(rng.integers(0, 900)), int(rng.integers(0, 650))
         base[y0:y0 + int(rng.integers(30, 120)), x0:x0 + int(rng.integers(30, 120))] = rng.integers(0, 256, 3)
     base = np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
-    image = Image.fromarray(base)
-    turned = image.transpose(Image.Transpose.ROTATE_90)
-    return [image, turned, turned.crop((0, 0, 384, 256))]
+    return Image.fromarray(base)
 
 
 def _sample(i: int, images: list[Image.Image], rng: np.random.Generator) -> RolloutSample:
@@ -107,29 +106,40 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
+    pool = [_picture(rng, k) for k in range(8)]
     out: dict = {"steps": args.steps, "samples_per_step": args.samples}
     with tempfile.TemporaryDirectory(prefix="bench_dashboard_") as tmp:
         run_dir = Path(tmp) / "run"
         tracker = Tracker(LoggerConfig(backends=["jsonl"]), run_dir, run_name="bench")
-        log_s, samples_s = [], []
+        log_s, samples_s, log_cpu, samples_cpu = [], [], [], []
         for step in range(args.steps):
-            # Groups of 8 samples share a task image; each sample's tool outputs are its own.
-            tasks = {i // 8: _images(rng, step * 100 + i // 8) for i in range(args.samples)}
+            # Groups of 8 samples share a task image (new tasks every step: a pixel of their own on
+            # one of 8 pre-drawn pictures); each sample's tool outputs are its own.
+            tasks = {}
+            for group in range(-(-args.samples // 8)):
+                image = pool[(step * 3 + group) % len(pool)].copy()
+                image.putpixel((step % 1024, group), (255, 255, 255))
+                turned = image.transpose(Image.Transpose.ROTATE_90)
+                tasks[group] = [image, turned, turned.crop((0, 0, 384, 256))]
             samples = [_sample(i, [tasks[i // 8][0]] + [im.copy() for im in tasks[i // 8][1:]], rng)
                        for i in range(args.samples)]
             for sample in samples:  # distinct outputs per sample (a pixel of its own), as in a real group
                 sample.images[1].putpixel((0, 0), (sample.sample_index, 0, 0))
                 sample.images[2].putpixel((0, 0), (sample.sample_index, 0, 0))
-            t0 = time.perf_counter()
+            row = _row(step, rng)
+            t0, c0 = time.perf_counter(), time.process_time()
             tracker.log_samples(samples, step=step, stage="rl")
-            t1 = time.perf_counter()
-            tracker.log(_row(step, rng), step=step, stage="rl")
-            t2 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
+            tracker.log(row, step=step, stage="rl")
+            t2, c2 = time.perf_counter(), time.process_time()
             samples_s.append(t1 - t0)
+            samples_cpu.append(c1 - c0)
             log_s.append(t2 - t1)
+            log_cpu.append(c2 - c1)
         tracker.close()
         dash = run_dir / "dashboard"
-        for name, values in (("log_samples_s", samples_s), ("log_s", log_s)):
+        for name, values in (("log_samples_s", samples_s), ("log_s", log_s), ("log_samples_cpu_s", samples_cpu),
+                             ("log_cpu_s", log_cpu)):
             out[name] = {"median": statistics.median(values), "p95": sorted(values)[int(0.95 * len(values))]}
         last = f"{args.steps - 1:06d}"
         out["bytes"] = {"run.js": _size(dash / "data" / "run.js"), "metric_chunks": _size(dash / "data" / "metrics"),
@@ -142,9 +152,10 @@ def main() -> None:
                              "trajectory": _open(browser, f"{index}#/traj/rl/{args.steps - 1}/0")}
             out["page_problems"] = browser.problems
     print(f"{args.steps} steps x {args.samples} trajectories")
-    print(f"  log_samples per step: median {out['log_samples_s']['median'] * 1000:.0f} ms, "
-          f"p95 {out['log_samples_s']['p95'] * 1000:.0f} ms")
-    print(f"  log per step:         median {out['log_s']['median'] * 1000:.1f} ms, p95 {out['log_s']['p95'] * 1000:.1f} ms")
+    for name in ("log_samples", "log"):
+        wall, cpu = out[f"{name}_s"], out[f"{name}_cpu_s"]
+        print(f"  {name:12s} per step: wall median {wall['median'] * 1000:.1f} ms (p95 {wall['p95'] * 1000:.1f}), "
+              f"CPU median {cpu['median'] * 1000:.1f} ms (p95 {cpu['p95'] * 1000:.1f})")
     for name, size in out["bytes"].items():
         print(f"  {name:16s} {size / 1024:10.1f} KiB")
     for name, seconds in out["open_s"].items():

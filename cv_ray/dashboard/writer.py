@@ -37,8 +37,8 @@ from cv_ray.dashboard.samples import RolloutSample
 STATIC_FILES = ("index.html", "app.js", "style.css")
 CHUNK_ROWS = 200
 """Metric rows per data file: finished chunks never change, the page re-reads only the last one."""
-SCREEN_SIDE = 640
-"""Longest side of an image file (pixels); smaller images are kept at their size."""
+SCREEN_SIDE = 512
+"""Longest side of an image file (pixels): the pages show images at most 480 px wide; smaller ones keep their size."""
 THUMB_SIDE = 120
 RUN_FILES = ("metrics.jsonl", "config.resolved.yaml", "summary.json")
 """Files of the run directory linked from the dashboard when they exist."""
