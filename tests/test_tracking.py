@@ -17,13 +17,13 @@ import pytest
 from dashboard_testlib import build_short_run
 from PIL import Image
 
-from cv_ray.collapse import CALL_RATE, VALID_RATE, collapse, tool_use_rates
 from cv_ray.config import LoggerConfig
 from cv_ray.dashboard.highlight import highlight_python
 from cv_ray.dashboard.markdown import markdown_to_html
 from cv_ray.dashboard.samples import split_turn_text
 from cv_ray.errors import ConfigError
 from cv_ray.tracking import Tracker
+from cv_ray.tracking.collapse import CALL_RATE, VALID_RATE, collapse, tool_use_rates
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 A known failure of tool-use RL is the policy giving the tool up: calls get rarer (or fail more)
 step after step until it answers blind. :func:`tool_use_rates` derives the two rates watched from a
 step's rollout metrics; :func:`collapse` compares a rate's latest value with its value ``window``
-logged steps earlier. The tracker (cv_ray/tracking.py) runs it at every step and warns on the
+logged steps earlier. The tracker (cv_ray/tracking/tracker.py) runs it at every step and warns on the
 console, in the dashboard and in wandb when an alarm starts.
 """
 

@@ -9,7 +9,7 @@
 
 `metrics.jsonl` is the source of truth: a tracker opened on a run directory that has one reads it
 back, so the dashboard of a run made of several commands (`stage=sft`, then `stage=rl`) shows them
-all. Every row gains the tool-use rates (cv_ray/collapse.py) and, per watched rate, an
+all. Every row gains the tool-use rates (cv_ray/tracking/collapse.py) and, per watched rate, an
 `alarm/<rate>` flag; the tool-use collapse alarm warns on the console, in the dashboard and as a
 wandb alert when it starts. In wandb each stage's metrics are plotted against that stage's own step
 (`<stage>/step`), so SFT steps and RL steps do not collide on one axis. wandb cannot forget rows: a
@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cv_ray.collapse import WATCHED, collapse, tool_use_rates
 from cv_ray.config import LoggerConfig
 from cv_ray.dashboard import Dashboard, RolloutSample
 from cv_ray.dashboard.writer import SCREEN_SIDE
+from cv_ray.tracking.collapse import WATCHED, collapse, tool_use_rates
 
 log = logging.getLogger("cv_ray")
 
