@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 DEFAULT_CHUNK_TOKENS = 1024
-"""Rows per chunk: one float32 ``[1024, 151936]`` block is 0.6 GB; the chunked paths hold about three."""
+"""Rows per chunk: one float32 ``[1024, 151936]`` block is 0.6 GB; the chunked paths hold about two."""
 
 
 def mask_banned(logits: torch.Tensor, banned_token_ids: Sequence[int]) -> torch.Tensor:
@@ -114,23 +114,24 @@ def _full_token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, scale: f
     return chosen, entropy
 
 
-def _log_softmax_chunk(logits: torch.Tensor, scale: float, banned: torch.Tensor) -> torch.Tensor:
-    """``log softmax(mask(logits) / scale)`` of one chunk, ``[rows, vocab]`` float32; the input is untouched.
+def _log_softmax_chunk(logits: torch.Tensor, scale: float, banned: torch.Tensor, owned: bool = False) -> torch.Tensor:
+    """``log softmax(mask(logits) / scale)`` of one chunk, ``[rows, vocab]`` float32.
 
     The same operations, row for row, as :func:`_full_token_logprobs`, so a row's numbers do not
     depend on the chunk it falls in, and the backward pass recomputes exactly the forward's.
+    ``owned``: the caller holds no other reference to ``logits`` (a fresh projection), so float32
+    logits are scaled and masked in place rather than copied.
     """
-    z = logits.to(torch.float32, copy=True)  # one new float32 block, whatever the input's dtype
+    z = logits if owned and logits.dtype == torch.float32 else logits.to(torch.float32, copy=True)
     z /= scale
     if banned.numel():
         z[:, banned] = float("-inf")
     return torch.log_softmax(z, dim=-1)
 
 
-def _chunk_scores(logits: torch.Tensor, targets: torch.Tensor, scale: float, banned: torch.Tensor
+def _chunk_scores(logp: torch.Tensor, targets: torch.Tensor, banned: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p of the targets, entropy)`` of one chunk, each ``[rows]`` float32."""
-    logp = _log_softmax_chunk(logits, scale, banned)
+    """``(log p of the targets, entropy)``, each ``[rows]``, from one chunk's log-softmax (overwritten)."""
     chosen = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
     probs = logp.exp()
     if banned.numel():
@@ -139,14 +140,14 @@ def _chunk_scores(logits: torch.Tensor, targets: torch.Tensor, scale: float, ban
     return chosen, entropy
 
 
-def _chunk_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float, banned: torch.Tensor,
+def _chunk_grad(logp: torch.Tensor, targets: torch.Tensor, scale: float, banned: torch.Tensor,
                 entropy: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor) -> torch.Tensor:
-    """Gradient with respect to one chunk's logits, ``[rows, vocab]`` float32.
+    """Gradient with respect to one chunk's logits, ``[rows, vocab]`` float32, in place of its log-softmax ``logp``.
 
     With ``z = mask(logits) / scale`` and ``p = softmax(z)``: ``d log p_t / dz_j = [j = t] - p_j`` and
     ``dH / dz_j = -p_j (log p_j + H)``; banned columns are constants (-inf), so their gradient is 0.
     """
-    grad = _log_softmax_chunk(logits, scale, banned)  # log p, turned into the gradient in place
+    grad = logp
     probs = grad.exp()
     if banned.numel():
         grad[:, banned] = 0.0
@@ -154,11 +155,16 @@ def _chunk_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float, banne
     grad *= grad_entropy.unsqueeze(1)
     grad += grad_logp.unsqueeze(1)
     grad *= probs
+    del probs
     grad.neg_()
     grad.scatter_add_(1, targets.unsqueeze(1), grad_logp.unsqueeze(1))
     if banned.numel():
         grad[:, banned] = 0.0
     return grad.div_(scale)
+
+
+# In the loops below, each chunk's [rows, vocab] blocks are deleted before the next chunk's are made:
+# a name rebound only after the new value exists would keep two chunks alive at once.
 
 
 class _ScoreLogits(torch.autograd.Function):
@@ -169,7 +175,10 @@ class _ScoreLogits(torch.autograd.Function):
         n = logits.shape[0]
         out = torch.empty((2, n), dtype=torch.float32, device=logits.device)  # logp, entropy
         for s in range(0, n, chunk):
-            out[:, s:s + chunk] = torch.stack(_chunk_scores(logits[s:s + chunk], targets[s:s + chunk], scale, banned))
+            rows = slice(s, s + chunk)
+            logp = _log_softmax_chunk(logits[rows], scale, banned)
+            out[:, rows] = torch.stack(_chunk_scores(logp, targets[rows], banned))
+            del logp
         logp, entropy = out
         ctx.save_for_backward(logits, targets, banned, entropy)
         ctx.scale, ctx.chunk = scale, chunk
@@ -181,8 +190,10 @@ class _ScoreLogits(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.chunk):
             rows = slice(s, s + ctx.chunk)
-            grad[rows] = _chunk_grad(logits[rows], targets[rows], ctx.scale, banned, entropy[rows], grad_logp[rows],
+            logp = _log_softmax_chunk(logits[rows], ctx.scale, banned)
+            grad[rows] = _chunk_grad(logp, targets[rows], ctx.scale, banned, entropy[rows], grad_logp[rows],
                                      grad_entropy[rows])
+            del logp
         return grad, None, None, None, None
 
 
@@ -194,9 +205,11 @@ class _ScoreHead(torch.autograd.Function):
         n = hidden.shape[0]
         out = torch.empty((2, n), dtype=torch.float32, device=hidden.device)  # logp, entropy
         for s in range(0, n, chunk):
-            logits = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias)
-            out[:, s:s + chunk] = torch.stack(_chunk_scores(logits, targets[s:s + chunk], scale, banned))
-            del logits
+            rows = slice(s, s + chunk)
+            logp = _log_softmax_chunk(torch.nn.functional.linear(hidden[rows], weight, bias), scale, banned,
+                                      owned=True)
+            out[:, rows] = torch.stack(_chunk_scores(logp, targets[rows], banned))
+            del logp
         logp, entropy = out
         # The weight itself (not a view of it) is saved: under ZeRO-3 its data is released after the
         # forward and gathered again before the backward by the lm_head module's hooks.
@@ -214,12 +227,11 @@ class _ScoreHead(torch.autograd.Function):
         for s in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(s, s + ctx.chunk)
             h = hidden[rows]
-            logits = torch.nn.functional.linear(h, weight, bias)
-            grad = _chunk_grad(logits, targets[rows], ctx.scale, banned, entropy[rows], grad_logp[rows],
-                               grad_entropy[rows])
-            del logits
+            logp = _log_softmax_chunk(torch.nn.functional.linear(h, weight, bias), ctx.scale, banned, owned=True)
             # The matmuls run in the model's dtype, as the backward of the model's own lm_head would.
-            grad = grad.to(weight.dtype)
+            grad = _chunk_grad(logp, targets[rows], ctx.scale, banned, entropy[rows], grad_logp[rows],
+                               grad_entropy[rows]).to(weight.dtype)
+            del logp
             if need_hidden:
                 grad_hidden[rows] = grad @ weight
             if need_weight and weight.dtype == torch.float32:
@@ -228,6 +240,7 @@ class _ScoreHead(torch.autograd.Function):
                 grad_weight += (grad.t() @ h.to(weight.dtype)).float()
             if need_bias:
                 grad_bias += grad.float().sum(0)
+            del grad
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:

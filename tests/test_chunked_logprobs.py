@@ -99,13 +99,15 @@ def test_the_backward_pass_keeps_no_vocabulary_sized_tensor():
     Mutant: chunks scored with plain autograd (each chunk's float32 log-softmax saved for the backward).
     """
     h, w, b, targets, banned, _ = _case(64, hidden=8)
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    weight_storage = leaves[1].untyped_storage().data_ptr()
     saved: list[torch.Size] = []
 
     def pack(t):
-        saved.append(t.shape)
+        if t.untyped_storage().data_ptr() != weight_storage:  # the weight (or its transpose) is no activation
+            saved.append(t.shape)
         return t
 
-    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         head_token_logprobs(*leaves, targets, TEMPERATURE, banned, chunk_tokens=16)
     assert saved and not [s for s in saved if len(s) >= 2 and s[-1] == VOCAB], saved

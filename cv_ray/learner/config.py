@@ -77,7 +77,7 @@ class LearnerConfig:
     logprob_chunk_tokens: int = 1024
     """Token log-probs and entropies are computed from the final hidden states through `lm_head` this
     many positions at a time, so no `[T, vocab]` logits exist in the forward or backward pass: peak
-    memory about three float32 `[chunk, vocab]` blocks (1024 x 151,936: 0.6 GB each) instead of
+    memory about two float32 `[chunk, vocab]` blocks (1024 x 151,936: 0.6 GB each) instead of
     several `T x vocab` copies. 0: the model's full logits and one whole-row log-softmax (the
     reference computation; runs out of memory on long responses)."""
     loss: LossConfig = field(default_factory=LossConfig)
