@@ -94,14 +94,18 @@ def test_zero3_two_ranks_chunked_match_the_full_computation(ray_local, tiny_qwen
     the backward, and the ranks (different lengths, so different chunk counts) must stay in step.
     The group's SFT loss, gradient norm and log-probs equal the unchunked ones computed here.
 
-    Mutant: ``head.weight`` read outside the lm_head call (empty ZeRO-3 partition: a shape error), or
-    the head scored once per chunk through the module (ranks' gathers out of step).
+    Mutants: ``head.weight`` read outside the lm_head call (an empty ZeRO-3 partition: an error); the
+    head called as a module once per chunk (the ranks' gathers fall out of step and both ranks block:
+    the test fails at the suite's timeout).
     """
     from cv_ray.learner.group import LearnerGroup
     from cv_ray.learner.losses import sft_loss
 
     samples = make_samples(processor25, 4, seed=7)
-    assert len({len(s.input_ids) // 5 for s in samples}) > 1  # the ranks run different numbers of chunks
+    # Contiguous shards and micro-batches of one: rank 0 scores samples 0 then 1 while rank 1 scores
+    # 2 then 3, each in ceil((length - 1) / 5) chunks; the ranks' chunk counts differ both times.
+    chunks = [-(-(len(s.input_ids) - 1) // 5) for s in samples]
+    assert chunks[0] != chunks[2] and chunks[1] != chunks[3], chunks
     cfg = LearnerConfig(num_ranks=2, zero_stage=3, micro_batch_size=1, logprob_chunk_tokens=5, lr=1e-4,
                         warmup_ratio=0.0, lr_schedule="constant", grad_clip=0.0, loss=LossConfig(kl_coef=0.0))
     group = LearnerGroup(str(tiny_qwen25), cfg, total_steps=10, seed=0)
@@ -118,6 +122,6 @@ def test_zero3_two_ranks_chunked_match_the_full_computation(ray_local, tiny_qwen
     loss.backward()
     grad_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
     for row, lp in enumerate(policy):
-        torch.testing.assert_close(torch.from_numpy(lp), logp[row, :len(lp)].detach(), atol=1e-5, rtol=0)
-    assert metrics["sft/loss"] == pytest.approx(float(loss), rel=1e-5)
+        torch.testing.assert_close(torch.tensor(lp), logp[row, :len(lp)].detach(), atol=1e-5, rtol=0)
+    assert metrics["sft/loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
     assert metrics["sft/grad_norm"] == pytest.approx(float(grad_norm), rel=1e-4)
