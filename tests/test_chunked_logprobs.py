@@ -84,7 +84,7 @@ def test_head_scoring_in_bf16_and_at_the_real_vocabulary():
 
     Mutant: each chunk's logits are upcast after the log-softmax instead of before (bf16 softmax).
     """
-    h, w, b, targets, banned, _ = _case(6, hidden=16, vocab=151_936, dtype=torch.bfloat16, seed=1)
+    h, w, _, targets, banned, _ = _case(6, hidden=16, vocab=151_936, dtype=torch.bfloat16, seed=1)  # no bias, as Qwen
     full = token_logprobs(torch.nn.functional.linear(h, w, None), targets, TEMPERATURE, banned, chunk_tokens=0)
     chunked = head_token_logprobs(h, w, None, targets, TEMPERATURE, banned, chunk_tokens=4)
     keep = ~torch.isin(targets, torch.tensor(banned))
