@@ -35,6 +35,9 @@ class ModelConfig:
     """`auto` (read from the checkpoint's config), `qwen2_5_vl` or `qwen3_vl`."""
     build_tiny: str = ""
     """If set (`qwen2_5_vl` or `qwen3_vl`) and `path` does not exist, build the tiny random model there."""
+    tiny_spec: str = "tiny"
+    """Size preset of the tiny model `build_tiny` builds: `tiny` (hidden 64, 2 layers; plumbing and
+    tests) or `demo` (hidden 128, 4 layers; learns the quickstart's and the demo's task on CPU)."""
     min_pixels: int = 28 * 28 * 4
     """Image processor lower bound for the task images (pixels)."""
     max_pixels: int = 28 * 28 * 256
@@ -48,6 +51,10 @@ class ModelConfig:
                               "use an empty string, `qwen2_5_vl` or `qwen3_vl`")
         if not self.path:
             raise ConfigError(f"{prefix}.path", "empty", "give a model directory, e.g. model.path=/ckpt/Qwen2.5-VL-7B")
+        from cv_ray.models.tiny import TINY_SPECS
+
+        if self.tiny_spec not in TINY_SPECS:
+            raise ConfigError(f"{prefix}.tiny_spec", f"got {self.tiny_spec!r}", f"use one of {', '.join(TINY_SPECS)}")
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"{prefix}.min_pixels", "larger than max_pixels", "lower min_pixels or raise max_pixels")
 
@@ -162,6 +169,9 @@ class EvalConfig:
     model: str = ""
     """Model to evaluate: empty for the newest model of the run (RL, then SFT, else model.path),
     or any model directory."""
+    models: list[str] = field(default_factory=list)
+    """Instead, several models of this run side by side (`base`, `sft`, `rl`: those that exist), through
+    one set of actors (`eval/comparison.md`); ignored when `eval.model` is set."""
     with_tools: bool = True
     """Evaluate with the code tool in the prompt."""
     without_tools: bool = True
@@ -223,6 +233,9 @@ def validate(cfg: Config) -> None:
     cfg.data.validate("data")
     cfg.trainer.validate("trainer")
     cfg.logger.validate("logger")
+    for name in cfg.eval.models:
+        if name not in ("base", "sft", "rl"):
+            raise ConfigError("eval.models", f"unknown model {name!r}", "list some of base, sft, rl")
     if cfg.eval.model and not (Path(cfg.eval.model) / "config.json").exists():
         raise ConfigError("eval.model", f"{cfg.eval.model} is not a Hugging Face model directory (no config.json)",
                           "give a model directory, or leave eval.model empty for the run's newest model")

@@ -52,6 +52,17 @@ class RunContext:
         processes images the same way (see :class:`cv_ray.models.ModelRef`)."""
         return ModelRef(str(path), self.cfg.model.min_pixels, self.cfg.model.max_pixels)
 
+    def run_models(self, names: list[str]) -> dict[str, Path]:
+        """``base``, ``sft``, ``rl`` -> the model directories of this run that exist, in the order given."""
+        where = {"base": self.base_model, "sft": self.work_dir / "sft_model", "rl": self.work_dir / "rl_model"}
+        found = {name: where[name] for name in names if (where[name] / "config.json").exists()}
+        for name in names:
+            if name not in found:
+                log.warning("eval: no %s model in %s (did its stage run?); skipping it", name, self.work_dir)
+        if not found:
+            raise FileNotFoundError(f"eval.models={names}: none of these models exists in {self.work_dir}")
+        return found
+
     def latest_model(self) -> Path:
         """The newest trained model of this run (RL, then SFT), else the base model."""
         for name in ("rl_model", "sft_model"):
@@ -109,7 +120,7 @@ def run(cfg: Config) -> float | None:
     log.info("resolved config:\n%s", to_yaml(cfg))
 
     start = time.perf_counter()
-    base_model, family = prepare_model(cfg.model.path, cfg.model.family, cfg.model.build_tiny)
+    base_model, family = prepare_model(cfg.model.path, cfg.model.family, cfg.model.build_tiny, cfg.model.tiny_spec)
     log.info("model: %s (%s), ready in %.1f s", base_model, family, time.perf_counter() - start)
     resources = init_ray(num_cpus=cfg.trainer.ray_num_cpus)
     log.info("ray cluster resources: %s", {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")})
@@ -142,7 +153,38 @@ def _write_summary(ctx: RunContext) -> None:
     (ctx.work_dir / "summary.json").write_text(json.dumps(ctx.summary, indent=2, default=str))
 
 
+def summary_table(summary: dict[str, Any], rl_rows: list[dict[str, Any]]) -> list[str]:
+    """The closing table of a run: accuracy with tools and valid tool calls per evaluated model, and the
+    RL reward and tool use at the first and the last RL step. Pure (the stages' summaries and the RL
+    metric rows in); empty when the run had neither an evaluation nor RL steps."""
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = []
+    rows = summary.get("eval", {}).get("comparison")
+    if rows is None and "eval" in summary:
+        rows = [{"model": "final", "accuracy_with_tools": summary["eval"].get("final", {}).get("eval/accuracy"),
+                 "valid_calls": None}]
+    if rows:
+        width = max(len("model"), *(len(r["model"]) for r in rows))
+        lines += ["held-out evaluation, with tools:",
+                  f"  {'model':<{width}}  accuracy  valid tool calls"]
+        lines += [f"  {r['model']:<{width}}  {fmt(r['accuracy_with_tools']):>8}  {fmt(r['valid_calls']):>16}"
+                  for r in rows]
+    if rl_rows:
+        first, last = rl_rows[0], rl_rows[-1]
+        lines += [f"RL: reward {fmt(first.get('reward/total'))} at step {first['step']} -> "
+                  f"{fmt(last.get('reward/total'))} at step {last['step']}; tool calls per trajectory "
+                  f"{fmt(first.get('tool_use/call_rate'))} -> {fmt(last.get('tool_use/call_rate'))}, valid "
+                  f"{fmt(first.get('tool_use/valid_call_rate'))} -> {fmt(last.get('tool_use/valid_call_rate'))}"]
+    return lines
+
+
 def _print_where(ctx: RunContext) -> None:
+    rl_rows = [r for r in ctx.tracker.rows if r["stage"] == "rl"]
+    table = summary_table(ctx.summary, rl_rows)
+    if table:
+        print("\n".join(["", *table, ""]))
     lines = [f"run directory: {ctx.work_dir.resolve()}",
              f"  metrics:  {ctx.tracker.metrics_path}",
              f"  summary:  {ctx.work_dir / 'summary.json'}"]
@@ -329,18 +371,36 @@ def validation_rollouts(ctx: RunContext, step: int, val_tasks: list, groups) -> 
 
 
 def stage_eval(ctx: RunContext) -> dict[str, Any]:
-    """Benchmark suites with and without tools; writes the report under `eval/`."""
-    from cv_ray.eval.runner import evaluate
+    """Benchmark suites with and without tools; writes the report under `eval/`.
+
+    ``eval.model`` (a directory) or else the run's newest model; with ``eval.models`` (names among
+    `base`, `sft`, `rl`) each of those of this run, side by side (``eval/comparison.md``).
+    """
+    from cv_ray.eval.report import comparison_rows
+    from cv_ray.eval.runner import evaluate_models
 
     _ensure_data(ctx)
-    model = Path(ctx.cfg.eval.model) if ctx.cfg.eval.model else ctx.latest_model()
-    summaries, paths = evaluate(ctx.model_ref(model), ctx.cfg, ctx.data_dir, ctx.work_dir / "eval")
+    if ctx.cfg.eval.model:
+        models = {"model": Path(ctx.cfg.eval.model)}
+    elif ctx.cfg.eval.models:
+        models = ctx.run_models(ctx.cfg.eval.models)
+    else:
+        models = {"model": ctx.latest_model()}
+    results = evaluate_models({name: ctx.model_ref(path) for name, path in models.items()}, ctx.cfg,
+                              ctx.data_dir, ctx.work_dir / "eval")
+    newest = list(results)[-1]
+    summaries, paths = results[newest]
     ctx.tracker.log_eval_report(paths["report"].parent)
     with_tools = summaries.get("with_tools", {})
     final = {"eval/accuracy": with_tools.get("accuracy")}
     if "without_tools" in summaries:
         final["eval/accuracy_without_tools"] = summaries["without_tools"].get("accuracy")
-    return {"model": str(model), "report": str(paths["report"]), "final": final}
+    out = {"model": str(models[newest]), "report": str(paths["report"]), "final": final}
+    if len(results) > 1:
+        out["comparison"] = comparison_rows({name: s for name, (s, _) in results.items()})
+        for row in out["comparison"]:
+            final[f"eval/{row['model']}/accuracy"] = row["accuracy_with_tools"]
+    return out
 
 
 STAGES = {"data": stage_data, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval}

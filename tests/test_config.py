@@ -25,13 +25,20 @@ def _compose(*overrides: str) -> Config:
     return to_typed(raw)
 
 
-def test_default_experiment_is_tiny_cpu_and_valid():
+def test_default_experiment_is_the_quickstart_and_valid():
     cfg = _compose()
     validate(cfg)
-    assert cfg.trainer.name == "tiny_cpu"
-    assert cfg.model.build_tiny == "qwen2_5_vl"
-    assert cfg.model.path == "/tmp/cv_ray_test_run/tiny-qwen2_5_vl"  # interpolations resolved
+    assert cfg.trainer.name == "quickstart"
+    assert cfg.model.build_tiny == "qwen2_5_vl" and cfg.model.tiny_spec == "demo"
+    assert cfg.eval.suites == ["/tmp/cv_ray_test_run/data/rl_val.parquet"]  # interpolations resolved
     assert isinstance(cfg.sandbox.timeout_s, float)
+
+
+def test_the_smoke_experiment_builds_the_tiny_model():
+    cfg = _compose("experiment=tiny_cpu")
+    validate(cfg)
+    assert cfg.model.build_tiny == "qwen2_5_vl" and cfg.model.tiny_spec == "tiny"
+    assert cfg.model.path == "/tmp/cv_ray_test_run/tiny-qwen2_5_vl"
 
 
 @pytest.mark.parametrize(

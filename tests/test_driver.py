@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 CV_RAY = str(Path(sys.executable).with_name("cv-ray"))
 SMALL = [
-    "data.num_rl_tasks=4", "data.num_sft_trajectories=8", "data.num_val_tasks=2", "data.suite_size=1",
+    "experiment=tiny_cpu", "data.num_rl_tasks=4", "data.num_sft_trajectories=8", "data.num_val_tasks=2", "data.suite_size=1",
     "data.suites=[orientation]", "data.image_size=112",
     "trainer.sft.max_steps=2", "trainer.sft.batch_size=4", "trainer.rl.batch_size=2", "rollout.n_samples=2",
     "rollout.max_new_tokens_per_turn=24", "rollout.max_turns=2",

@@ -13,6 +13,7 @@ Everything is deterministic by ``cfg.seed``; only the sandbox's execution is nee
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import Counter
@@ -26,6 +27,8 @@ from tqdm import tqdm
 from cv_ray.agent.prompts import SYSTEM_PROMPT
 from cv_ray.data.compat import sharegpt_from_jsonl
 from cv_ray.data.config import DataConfig
+from cv_ray.data.demo_family import FAMILY as DEMO_FAMILY
+from cv_ray.data.demo_family import build_demo_dataset, of_variants
 from cv_ray.data.families import FAMILIES, generate_task, generate_tasks
 from cv_ray.data.records import write_sft, write_tasks
 from cv_ray.data.suites import SUITES, build_suite, resolve_suite_name
@@ -73,15 +76,20 @@ def build_dataset(cfg: DataConfig, out_dir: Path, sandbox_pool: Sandbox, sandbox
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     families = list(cfg.families)
+    if families == [DEMO_FAMILY]:  # the teaching task writes its own layout (no benchmark suites)
+        return build_demo_dataset(out_dir, sandbox_pool, cfg.seed, cfg.num_rl_tasks, cfg.num_val_tasks,
+                                  cfg.num_sft_trajectories, system_prompt, cfg.image_size, tuple(cfg.rl_variants))
 
     start = time.perf_counter()
-    n_train = write_tasks(_progress(generate_tasks(families, cfg.num_rl_tasks, cfg.seed, cfg.image_size, "train"),
-                                    cfg.num_rl_tasks, "rl_train"), out_dir / "rl_train.parquet")
+    train = of_variants(generate_tasks(families, 1 << 62, cfg.seed, cfg.image_size, "train"), cfg.rl_variants)
+    n_train = write_tasks(_progress(itertools.islice(train, cfg.num_rl_tasks), cfg.num_rl_tasks, "rl_train"),
+                          out_dir / "rl_train.parquet")
     seconds["rl_train"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    n_val = write_tasks(_progress(generate_tasks(families, cfg.num_val_tasks, cfg.seed, cfg.image_size, "val"),
-                                  cfg.num_val_tasks, "rl_val"), out_dir / "rl_val.parquet")
+    val = of_variants(generate_tasks(families, 1 << 62, cfg.seed, cfg.image_size, "val"), cfg.rl_variants)
+    n_val = write_tasks(_progress(itertools.islice(val, cfg.num_val_tasks), cfg.num_val_tasks, "rl_val"),
+                        out_dir / "rl_val.parquet")
     seconds["rl_val"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -17,7 +17,12 @@ class DataConfig:
     seed: int = 0
     """Generation is deterministic by seed."""
     families: list[str] = field(default_factory=lambda: list(_FAMILIES))
-    """Synthetic task families to generate (see cv_ray/data/families.py), interleaved round-robin."""
+    """Synthetic task families to generate (see cv_ray/data/families.py), interleaved round-robin; or
+    `[corner_orientation]` alone: the learning demo's teaching task (cv_ray/data/demo_family.py; its
+    own SFT trajectories, no benchmark suites)."""
+    rl_variants: list[str] = field(default_factory=list)
+    """Keep only RL tasks (training and validation) of these variants (a task's `extra.variant`, e.g.
+    `none` for an upright image); empty: every variant. SFT trajectories and suites are not filtered."""
     num_rl_tasks: int = 2000
     """Synthetic RL training tasks to generate (0: only data.train_files)."""
     num_sft_trajectories: int = 500
@@ -49,14 +54,19 @@ class DataConfig:
             raise ConfigError(f"{prefix}.image_size", f"got {self.image_size}", "use at least 56 pixels")
         if not 0.0 <= self.sft_error_rate <= 1.0:
             raise ConfigError(f"{prefix}.sft_error_rate", f"got {self.sft_error_rate}", "use a share in [0, 1]")
+        from cv_ray.data.demo_family import FAMILY as DEMO_FAMILY
         from cv_ray.data.families import FAMILIES
         from cv_ray.data.suites import resolve_suite_name
 
         if not self.families:
             raise ConfigError(f"{prefix}.families", "empty", f"list some of {', '.join(FAMILIES)}")
+        if DEMO_FAMILY in self.families and self.families != [DEMO_FAMILY]:
+            raise ConfigError(f"{prefix}.families", f"{DEMO_FAMILY} mixed with {self.families}",
+                              f"use [{DEMO_FAMILY}] alone (the demo task), or only registry families")
         for family in self.families:
-            if family not in FAMILIES:
-                raise ConfigError(f"{prefix}.families", f"unknown family {family!r}", f"use {', '.join(FAMILIES)}")
+            if family not in (*FAMILIES, DEMO_FAMILY):
+                raise ConfigError(f"{prefix}.families", f"unknown family {family!r}",
+                                  f"use {', '.join(FAMILIES)} (or {DEMO_FAMILY} alone)")
         for suite in self.suites:
             try:
                 resolve_suite_name(suite)

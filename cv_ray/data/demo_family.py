@@ -29,10 +29,12 @@ for real models, and the registry's families are what every default dataset inte
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,27 @@ def generate_demo_task(seed: int, index: int, size: int = 112, split: str = "tra
     )
 
 
+def of_variants(tasks: Iterable[Task], variants: tuple[str, ...] | list[str], max_skipped: int = 100_000
+                ) -> Iterator[Task]:
+    """The tasks whose ``extra["variant"]`` is one of ``variants`` (all of them when empty).
+
+    Raises ValueError after ``max_skipped`` tasks in a row of other variants (an unknown variant name).
+    """
+    if not variants:
+        yield from tasks
+        return
+    skipped = 0
+    for task in tasks:
+        if task.extra.get("variant") in variants:
+            skipped = 0
+            yield task
+        else:
+            skipped += 1
+            if skipped > max_skipped:
+                raise ValueError(f"no task of the variants {list(variants)} in {max_skipped} generated "
+                                 f"(seen e.g. {task.extra.get('variant')!r}): check data.rl_variants")
+
+
 def generate_demo_example(task: Task, sandbox: Sandbox, system_prompt: str) -> SFTExample:
     """The one correct trajectory of ``task``, its tool call executed in ``sandbox``, under ``system_prompt``
     (the rollout's ``rollout.system_prompt``, so SFT teaches the prompt RL samples under).
@@ -139,18 +162,22 @@ def generate_demo_example(task: Task, sandbox: Sandbox, system_prompt: str) -> S
 
 
 def build_demo_dataset(out_dir: str | Path, sandbox: Sandbox, seed: int, num_train: int, num_val: int,
-                       num_sft: int, system_prompt: str, size: int = 112) -> dict[str, Any]:
+                       num_sft: int, system_prompt: str, size: int = 112,
+                       rl_variants: tuple[str, ...] = ()) -> dict[str, Any]:
     """Write RL train/val tasks, SFT trajectories and ``manifest.json`` under ``out_dir``; return the manifest.
 
     Splits are independent streams (``train``, ``val``, ``sft``), so held-out tasks never appear in
-    training and more SFT examples never change the RL tasks.
+    training and more SFT examples never change the RL tasks. ``rl_variants`` keeps only RL tasks
+    (training and validation) of those turns (e.g. ``("none",)``: upright images; empty: all).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    n_train = write_tasks((generate_demo_task(seed, i, size, "train") for i in range(num_train)),
-                          out / "rl_train.parquet")
-    n_val = write_tasks((generate_demo_task(seed, i, size, "val") for i in range(num_val)), out / "rl_val.parquet")
+    written = {}
+    for split, count in (("train", num_train), ("val", num_val)):
+        tasks = of_variants((generate_demo_task(seed, i, size, split) for i in itertools.count()), rl_variants)
+        written[split] = write_tasks(itertools.islice(tasks, count), out / f"rl_{split}.parquet")
+    n_train, n_val = written["train"], written["val"]
     kinds: Counter[str] = Counter()
 
     def examples():

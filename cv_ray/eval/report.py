@@ -71,3 +71,36 @@ def write_report(out_dir: Path, summaries: dict[str, dict], title: str = "cv_ray
     tool_series = {"with_tools": summaries["with_tools"]["tool_use_rate_by_transform"]} if "with_tools" in summaries else {}
     _bar_plot(paths["tool_use_plot"], tool_series, "Tool-use rate by transform", "samples with >= 1 tool call")
     return paths
+
+
+def comparison_rows(summaries_by_model: dict[str, dict[str, dict]]) -> list[dict]:
+    """One row per model (in order): accuracy with and without tools, tool use, and the share of tool
+    calls that parsed and ran (``valid_calls``; None when no call was made). Pure."""
+    rows = []
+    for name, summaries in summaries_by_model.items():
+        tools = summaries.get("with_tools", {})
+        error_rate = tools.get("tool_error_rate")
+        rows.append({"model": name, "accuracy_with_tools": tools.get("accuracy"),
+                     "accuracy_without_tools": summaries.get("without_tools", {}).get("accuracy"),
+                     "tool_use_rate": tools.get("tool_use_rate"),
+                     "valid_calls": None if error_rate is None else 1.0 - error_rate,
+                     "n": tools.get("n")})
+    return rows
+
+
+def write_comparison(out_dir: Path, summaries_by_model: dict[str, dict[str, dict]]) -> dict[str, Path]:
+    """``comparison.md`` (a table, one row per model) and ``comparison.json`` (the same rows)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(summaries_by_model)
+    lines = ["# cv_ray evaluation: models side by side", "",
+             "| model | accuracy with tools | accuracy without tools | tool use | valid tool calls | tasks |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {_fmt(r['accuracy_with_tools'])} | {_fmt(r['accuracy_without_tools'])} | "
+              f"{_fmt(r['tool_use_rate'])} | {_fmt(r['valid_calls'])} | {r['n'] if r['n'] is not None else '-'} |"
+              for r in rows]
+    paths = {"comparison": out_dir / "comparison.md", "comparison_metrics": out_dir / "comparison.json"}
+    paths["comparison"].write_text("\n".join(lines) + "\n")
+    paths["comparison_metrics"].write_text(json.dumps(rows, indent=2))
+    return paths
+

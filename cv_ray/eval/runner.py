@@ -18,7 +18,7 @@ from typing import Any
 
 from cv_ray.config import Config
 from cv_ray.eval.metrics import EvalRecord, summarize
-from cv_ray.eval.report import write_report
+from cv_ray.eval.report import write_comparison, write_report
 from cv_ray.geometry import iou
 from cv_ray.models import ModelRef
 from cv_ray.types import RewardBreakdown, Task, Trajectory
@@ -72,26 +72,55 @@ def evaluate(model: ModelRef | Path, cfg: Config, data_dir: Path, out_dir: Path
 
     ``model``: a :class:`~cv_ray.models.ModelRef` (the run's image bounds), or a bare model directory.
     """
-    from cv_ray.episode_groups import EpisodeGroups
+    return evaluate_models({"model": ModelRef.of(model)}, cfg, data_dir, out_dir)["model"]
 
-    model = ModelRef.of(model)
+
+def evaluate_models(models: dict[str, ModelRef], cfg: Config, data_dir: Path, out_dir: Path
+                    ) -> dict[str, tuple[dict[str, dict], dict[str, Path]]]:
+    """Evaluate several models of one architecture (e.g. base, SFT, RL) on the same suites, through one
+    set of actors: the rollout engines load each next model's weights instead of restarting.
+
+    One model: its report goes to ``out_dir``. Several: each to ``out_dir/<name>/``, the last one's
+    (the newest) also to ``out_dir``, and ``out_dir/comparison.md`` / ``comparison.json`` set them
+    side by side (:func:`cv_ray.eval.report.write_comparison`).
+    """
+    from cv_ray.episode_groups import EpisodeGroups
+    from cv_ray.models import load_state_dict
+
+    if not models:
+        raise ValueError("no model to evaluate")
     suites = [load_suite(name, data_dir, cfg.data.seed, cfg.data.suite_size, cfg.data.image_size,
                          cfg.data.skip_bad_rows) for name in cfg.eval.suites]
     tasks = [(suite, task) for suite, suite_tasks in suites for task in suite_tasks]
     if not tasks:
         raise ValueError(f"eval.suites={cfg.eval.suites} hold no tasks")
     modes = [m for m, on in (("with_tools", cfg.eval.with_tools), ("without_tools", cfg.eval.without_tools)) if on]
-    log.info("eval: %s on %d tasks (%s), modes %s", model.path, len(tasks), ", ".join(s for s, _ in suites), modes)
+    log.info("eval: %s on %d tasks (%s), modes %s", ", ".join(f"{n}={m.path}" for n, m in models.items()),
+             len(tasks), ", ".join(s for s, _ in suites), modes)
 
-    summaries: dict[str, dict[str, Any]] = {}
     suite_of = {task.uid: suite for suite, task in tasks}
     rollout_cfg = replace(cfg.rollout, temperature=cfg.eval.temperature)
-    with EpisodeGroups.start(model, rollout_cfg, cfg.sandbox, cfg.reward) as groups:
-        for mode in modes:
-            use_tools = mode == "with_tools"
-            scored = groups.play([task for _, task in tasks], cfg.eval.n_samples, use_tools=use_tools)
-            records = [eval_record(task, traj, b, suite_of[task.uid], use_tools) for task, traj, b in scored.triples()]
-            summaries[mode] = summarize(records)
-            log.info("eval %s: accuracy %.3f", mode, summaries[mode]["accuracy"])
-    paths = write_report(out_dir, summaries, title=f"cv_ray evaluation of {Path(model.path).name}")
-    return summaries, paths
+    results: dict[str, tuple[dict[str, dict], dict[str, Path]]] = {}
+    first = next(iter(models.values()))
+    with EpisodeGroups.start(first, rollout_cfg, cfg.sandbox, cfg.reward) as groups:
+        for name, model in models.items():
+            if model is not first:
+                groups.rollout.update_weights(load_state_dict(model.path))
+            summaries: dict[str, dict[str, Any]] = {}
+            for mode in modes:
+                use_tools = mode == "with_tools"
+                scored = groups.play([task for _, task in tasks], cfg.eval.n_samples, use_tools=use_tools)
+                records = [eval_record(task, traj, b, suite_of[task.uid], use_tools)
+                           for task, traj, b in scored.triples()]
+                summaries[mode] = summarize(records)
+                log.info("eval %s %s: accuracy %.3f", name, mode, summaries[mode]["accuracy"])
+            target = out_dir if len(models) == 1 else Path(out_dir) / name
+            results[name] = (summaries, write_report(target, summaries, title=f"cv_ray evaluation of {name}: "
+                                                                               f"{Path(model.path).name}"))
+    if len(models) > 1:
+        newest = list(results)[-1]
+        paths = write_report(out_dir, results[newest][0],
+                             title=f"cv_ray evaluation of {newest}: {Path(models[newest].path).name}")
+        paths.update(write_comparison(out_dir, {name: s for name, (s, _) in results.items()}))
+        results[newest] = (results[newest][0], paths)
+    return results

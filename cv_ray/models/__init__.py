@@ -66,13 +66,17 @@ def detect_family(model_dir: str | Path) -> str:
     return _MODEL_TYPES[model_type]
 
 
-def prepare_model(path: str, family: str, build_tiny: str) -> tuple[Path, str]:
-    """Return (model directory, family), building the tiny model first when asked and missing."""
-    from cv_ray.models.tiny import ensure_tiny_model
+def prepare_model(path: str, family: str, build_tiny: str, tiny_spec: str = "tiny") -> tuple[Path, str]:
+    """Return (model directory, family), building the tiny model (of size preset ``tiny_spec``) first
+    when asked and missing."""
+    from cv_ray.models.tiny import TINY_SPECS, ensure_tiny_model
 
     model_dir = Path(path)
     if build_tiny:
-        ensure_tiny_model(build_tiny, model_dir)
+        try:
+            ensure_tiny_model(build_tiny, model_dir, spec=TINY_SPECS[tiny_spec])
+        except ValueError as exc:  # a tiny model of other sizes is already there
+            raise ConfigError("model.path", str(exc), "remove the directory, or set model.path elsewhere") from exc
     elif not model_dir.exists():
         raise ConfigError("model.path", f"{model_dir} does not exist",
                           "give a local checkpoint directory (no hub downloads at run time), "
@@ -82,3 +86,13 @@ def prepare_model(path: str, family: str, build_tiny: str) -> tuple[Path, str]:
         raise ConfigError("model.family", f"{family!r} but {model_dir} is a {detected} checkpoint",
                           f"set model.family={detected} or model.family=auto")
     return model_dir, detected
+
+
+def load_state_dict(model_dir: str | Path) -> dict[str, Any]:
+    """A model directory's parameters under the names its loaded module uses (what an engine's
+    ``update_weights`` takes; the files on disk may hold the checkpoint format's legacy names, which
+    ``from_pretrained`` maps)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(model_dir).state_dict()
+

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
@@ -72,6 +72,16 @@ class TinySpec:
     vision_heads: int = 2
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 28 * 28 * 64
+
+
+#: Size presets (``model.tiny_spec``). ``tiny``: the plumbing model of the tests and smoke runs (it
+#: learns a call format, not a picture). ``demo``: about 4x the compute, the smallest that learns the
+#: learning demo's task (seeing which way an image is turned) in minutes on 2 CPU cores.
+TINY_SPECS: dict[str, TinySpec] = {
+    "tiny": TinySpec(),
+    "demo": TinySpec(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                     vision_hidden=64, vision_depth=2, vision_heads=2),
+}
 
 
 def _corpus() -> list[str]:
@@ -178,6 +188,10 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0, spe
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
     out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "cv_ray_tiny.json").exists():
+        # Never replace what is not a tiny model (a real checkpoint given with model.build_tiny set).
+        raise ValueError(f"{out} exists and is not a tiny model directory (no cv_ray_tiny.json): refusing to "
+                         f"replace it; set model.build_tiny='' to use it as a checkpoint")
     tokenizer = build_tokenizer(family)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t, _ in _COMMON_ADDED}
     vocab_size = _round_up(len(tokenizer))
@@ -269,7 +283,7 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0, spe
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / "cv_ray_tiny.json").write_text(json.dumps({"family": family, "seed": seed}))
+        (tmp / "cv_ray_tiny.json").write_text(json.dumps({"family": family, "seed": seed, "spec": asdict(spec)}))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -279,9 +293,19 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0, spe
     return out
 
 
-def ensure_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Return ``out_dir``, building the tiny model there first if it is not already present."""
+def ensure_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0, spec: TinySpec = TinySpec()) -> Path:
+    """Return ``out_dir``, building the tiny model there first if it is not already present.
+
+    A tiny model already there must be the one asked for (family, seed and sizes): a run must not go on
+    with a model of other sizes without saying so.
+    """
     out = Path(out_dir)
-    if (out / "cv_ray_tiny.json").exists():
+    marker = out / "cv_ray_tiny.json"
+    if marker.exists():
+        built = json.loads(marker.read_text())
+        wanted = {"family": family, "seed": seed, "spec": asdict(spec)}
+        if any(built.get(key, value) != value for key, value in wanted.items()):  # old markers: no spec
+            raise ValueError(f"the tiny model at {out} was built as {built}, not {wanted}: remove that directory "
+                             f"to rebuild it, or point model.path elsewhere")
         return out
-    return build_tiny_model(family, out, seed=seed)
+    return build_tiny_model(family, out, seed=seed, spec=spec)

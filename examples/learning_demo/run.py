@@ -52,21 +52,6 @@ log = logging.getLogger("learning_demo")
 SAMPLED_EPISODES = 4
 """Episodes per held-out task for the sampled evaluation (64 tasks x 4 = 256 episodes)."""
 
-# The default tiny model (hidden 64, 2 layers) learns the format but not the picture in a CPU budget;
-# this one (about 4x the compute) does better. Built once at model.path (seeded), kept between runs.
-DEMO_SPEC = {"hidden_size": 128, "intermediate_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
-             "vision_hidden": 64, "vision_depth": 2, "vision_heads": 2}
-
-
-def ensure_demo_model(path: Path, seed: int) -> Path:
-    """The demo's tiny Qwen2.5-VL (:data:`DEMO_SPEC`) at ``path``, built there first if missing."""
-    from cv_ray.models.tiny import TinySpec, build_tiny_model
-
-    if (path / "cv_ray_tiny.json").exists():
-        return path
-    return build_tiny_model("qwen2_5_vl", path, seed=seed, spec=TinySpec(**DEMO_SPEC))
-
-
 def load_config(overrides: list[str]):
     """The typed, validated config of `experiment=learning_demo` plus command-line overrides."""
     from hydra import compose, initialize_config_dir
@@ -105,8 +90,10 @@ class HeldoutEvaluator:
         Each holds the eval package's accuracy and required-op recall, the valid tool-call rate (share
         of attempted calls that parsed and ran; None when no call was made) and the mean dense reward.
         """
+        from cv_ray.models import load_state_dict
+
         if model_dir != self.model_dir:
-            self.groups.rollout.update_weights(_model_weights(model_dir))
+            self.groups.rollout.update_weights(load_state_dict(model_dir))
             self.model_dir = model_dir
         cfg = self.cfg
         return {"greedy": _decoded_eval(self.groups, tasks, 1, cfg.eval.temperature),
@@ -114,14 +101,6 @@ class HeldoutEvaluator:
 
     def close(self) -> None:
         self.groups.shutdown()
-
-
-def _model_weights(model_dir: Path) -> dict[str, Any]:
-    """The model's parameters under the names its loaded module uses (the files on disk may hold the
-    checkpoint format's legacy names, which ``from_pretrained`` maps)."""
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(model_dir).state_dict()
 
 
 def _decoded_eval(groups, tasks: list, n: int, temperature: float) -> dict[str, Any]:
@@ -216,9 +195,8 @@ def main(overrides: list[str]) -> dict[str, Any]:
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "config.resolved.yaml").write_text(to_yaml(cfg))
     phases = Phases()
-    if not cfg.model.build_tiny:  # model.build_tiny=qwen2_5_vl picks the project's default tiny model instead
-        phases.run("model", ensure_demo_model, Path(cfg.model.path), cfg.trainer.seed)
-    base_model, family = prepare_model(cfg.model.path, cfg.model.family, cfg.model.build_tiny)
+    base_model, _family = phases.run("model", prepare_model, cfg.model.path, cfg.model.family, cfg.model.build_tiny,
+                                    cfg.model.tiny_spec)
     init_ray(num_cpus=cfg.trainer.ray_num_cpus)
     tracker = Tracker(cfg.logger, work_dir, run_name=work_dir.name, config=as_dict(cfg))
     ctx = RunContext(cfg, work_dir, Path(base_model), tracker)

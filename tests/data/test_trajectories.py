@@ -157,3 +157,28 @@ def test_build_dataset_writes_every_part(pool, tmp_path):
         assert verify_example(example, pool) == []
     for name in manifest["counts"]["suites"]:
         assert len(list(read_tasks(tmp_path / "suites" / f"{name}.parquet"))) == manifest["counts"]["suites"][name]
+
+
+def test_build_dataset_of_the_demo_task_keeps_the_rl_variants_asked_for(pool, tmp_path):
+    """The quickstart's data: the demo family alone, RL tasks (train and validation) upright only, SFT
+    trajectories of every turn under the rollout's system prompt. Mutant: the variant filter ignored."""
+    cfg = DataConfig(seed=2, families=["corner_orientation"], rl_variants=["none"], num_rl_tasks=4, num_val_tasks=3,
+                     num_sft_trajectories=6, image_size=112)
+    manifest = build_dataset(cfg, tmp_path, pool, system_prompt="Fix it, then answer.")
+    assert manifest["counts"] == {"rl_train": 4, "rl_val": 3, "sft": 6}
+    for split, n in (("rl_train", 4), ("rl_val", 3)):
+        tasks = list(read_tasks(tmp_path / f"{split}.parquet"))
+        assert len(tasks) == n and {t.extra["variant"] for t in tasks} == {"none"}
+        assert all(t.required_ops == ["crop"] for t in tasks)
+    sft = list(read_sft(tmp_path / "sft.jsonl"))
+    assert {e.messages[0]["content"] for e in sft} == {"Fix it, then answer."}
+    assert len({e.task_uid for e in sft}) == 6
+
+
+def test_an_unknown_rl_variant_is_refused_with_the_key():
+    from cv_ray.data.demo_family import generate_demo_task, of_variants
+
+    tasks = (generate_demo_task(0, i) for i in range(100))
+    with pytest.raises(ValueError, match="data.rl_variants"):
+        next(of_variants(tasks, ["upside_down"], max_skipped=50))
+
