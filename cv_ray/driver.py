@@ -173,10 +173,10 @@ def summary_table(summary: dict[str, Any], rl_rows: list[dict[str, Any]]) -> lis
                   for r in rows]
     if rl_rows:
         first, last = rl_rows[0], rl_rows[-1]
-        lines += [f"RL: reward {fmt(first.get('reward/total'))} at step {first['step']} -> "
-                  f"{fmt(last.get('reward/total'))} at step {last['step']}; tool calls per trajectory "
-                  f"{fmt(first.get('tool_use/call_rate'))} -> {fmt(last.get('tool_use/call_rate'))}, valid "
-                  f"{fmt(first.get('tool_use/valid_call_rate'))} -> {fmt(last.get('tool_use/valid_call_rate'))}"]
+        lines.append(f"RL: reward {fmt(first.get('reward/total'))} at step {first['step']} -> "
+                     f"{fmt(last.get('reward/total'))} at step {last['step']}; tool calls per trajectory "
+                     f"{fmt(first.get('tool_use/call_rate'))} -> {fmt(last.get('tool_use/call_rate'))}, valid "
+                     f"{fmt(first.get('tool_use/valid_call_rate'))} -> {fmt(last.get('tool_use/valid_call_rate'))}")
     return lines
 
 
