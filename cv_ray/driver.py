@@ -167,7 +167,9 @@ def summary_table(summary: dict[str, Any], rl_rows: list[dict[str, Any]]) -> lis
                  "valid_calls": None}]
     if rows:
         width = max(len("model"), *(len(r["model"]) for r in rows))
-        lines += ["held-out evaluation, with tools:",
+        temperature, n = summary["eval"].get("temperature", 0.0), summary["eval"].get("n_samples", 1)
+        how = "greedy" if not temperature else f"sampled at temperature {temperature:g}, {n} per task"
+        lines += [f"held-out evaluation, with tools ({how}):",
                   f"  {'model':<{width}}  accuracy  valid tool calls"]
         lines += [f"  {r['model']:<{width}}  {fmt(r['accuracy_with_tools']):>8}  {fmt(r['valid_calls']):>16}"
                   for r in rows]
@@ -395,7 +397,8 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
     final = {"eval/accuracy": with_tools.get("accuracy")}
     if "without_tools" in summaries:
         final["eval/accuracy_without_tools"] = summaries["without_tools"].get("accuracy")
-    out = {"model": str(models[newest]), "report": str(paths["report"]), "final": final}
+    out = {"model": str(models[newest]), "report": str(paths["report"]), "final": final,
+           "temperature": ctx.cfg.eval.temperature, "n_samples": ctx.cfg.eval.n_samples}
     if len(results) > 1:
         out["comparison"] = comparison_rows({name: s for name, (s, _) in results.items()})
         for row in out["comparison"]:

@@ -25,7 +25,7 @@ def test_summary_table_shows_each_model_and_the_first_and_last_rl_step():
           {"step": 1, "reward/total": 1.3},
           {"step": 7, "reward/total": 1.751, "tool_use/call_rate": 1.047, "tool_use/valid_call_rate": 0.843}]
     assert summary_table(summary, rl) == [
-        "held-out evaluation, with tools:",
+        "held-out evaluation, with tools (greedy):",
         "  model  accuracy  valid tool calls",
         "  base       0.00                 -",
         "  sft        0.75              1.00",
