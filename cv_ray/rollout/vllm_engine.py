@@ -362,11 +362,11 @@ class VLLMEngine(Engine):
         try:
             await self.llm.finish_weight_update()
         except Exception as close_error:  # noqa: BLE001 -- reported in the raised error; the workers closed it when they raised
-            note = f"; closing the update session: {close_error}"
+            note = f"; finish_weight_update: {close_error}"
         return WeightUpdateError(
-            f"vLLM weight update of {total} tensors failed: {error}{note}. The engine now holds the old weights "
-            f"where no tensor arrived and serves them until the next successful update (version stays "
-            f"{self.weight_version})")
+            f"vLLM weight update of {total} tensors failed ({type(error).__name__}: {error}){note}. The engine now "
+            f"holds the old weights where no tensor arrived and serves them until the next successful update "
+            f"(version stays {self.weight_version})")
 
     def _weight_targets(self) -> list[tuple[str, torch.device]]:
         """(UUID, device) of the GPUs this worker shares with vLLM's tensor-parallel workers.
