@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from cv_ray.data.config import DataConfig
-from cv_ray.errors import ConfigError
+from cv_ray.errors import ConfigError, require_at_least
 from cv_ray.learner.config import LearnerConfig
 from cv_ray.reward.config import RewardConfig
 from cv_ray.rollout.config import RolloutConfig
@@ -85,7 +85,7 @@ class TrainerConfig:
     run_root: str = "runs"
     """Parent directory of run directories (relative to the directory cv-ray is started in)."""
     work_dir: str = "runs/default"
-    """Everything a run writes goes here (model, data, checkpoints, metrics, viewer, report).
+    """Everything a run writes goes here (model, data, checkpoints, metrics, dashboard, report).
     The YAML sets it to Hydra's output directory, so each sweep job gets its own."""
     seed: int = 0
     """Seeds the SFT and RL batch order and the learner (model-side RNG, RL mini-batch shuffles).
@@ -127,8 +127,31 @@ class LoggerConfig:
     """wandb project of every run (a sweep's jobs are separate runs in it)."""
     wandb_mode: str = "offline"
     """`online`, `offline` or `disabled`."""
-    samples_per_step: int = 4
-    """Rollout samples written to the viewer per logged step."""
+    samples_per_step: int = 16
+    """Trajectories of each RL step written to the dashboard and the wandb table (the step's first
+    ones: whole GRPO groups when it is a multiple of rollout.n_samples; 0: none)."""
+    dashboard: bool = True
+    """Write the static dashboard, `<run>/dashboard/index.html` (opens from file://, no server)."""
+    collapse_window: int = 10
+    """Tool-use collapse alarm: compare each tool-use rate with its value this many logged steps
+    earlier (0: no alarm). Rates: tool calls per trajectory and the valid share of calls."""
+    collapse_drop: float = 0.5
+    """Alarm when a rate fell by more than this fraction of its earlier value (0 < drop <= 1)."""
+    collapse_min_rate: float = 0.05
+    """No alarm when the earlier value was below this (a tool never really used cannot collapse)."""
+
+    def validate(self, prefix: str = "logger") -> None:
+        for backend in self.backends:
+            if backend not in ("console", "jsonl", "wandb"):
+                raise ConfigError(f"{prefix}.backends", f"unknown backend {backend!r}", "use console, jsonl and/or wandb")
+        if self.wandb_mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"{prefix}.wandb_mode", f"got {self.wandb_mode!r}", "use online, offline or disabled")
+        require_at_least(self, prefix, "samples_per_step", 0)
+        require_at_least(self, prefix, "collapse_window", 0)  # 0: no alarm
+        require_at_least(self, prefix, "collapse_min_rate", 0.0)
+        if not 0 < self.collapse_drop <= 1:
+            raise ConfigError(f"{prefix}.collapse_drop", f"got {self.collapse_drop}",
+                              "use a fraction in (0, 1], e.g. 0.5 to warn when a rate halves")
 
 
 @dataclass
@@ -199,11 +222,7 @@ def validate(cfg: Config) -> None:
     cfg.learner.validate("learner")
     cfg.data.validate("data")
     cfg.trainer.validate("trainer")
-    for backend in cfg.logger.backends:
-        if backend not in ("console", "jsonl", "wandb"):
-            raise ConfigError("logger.backends", f"unknown backend {backend!r}", "use console, jsonl and/or wandb")
-    if cfg.logger.wandb_mode not in ("online", "offline", "disabled"):
-        raise ConfigError("logger.wandb_mode", f"got {cfg.logger.wandb_mode!r}", "use online, offline or disabled")
+    cfg.logger.validate("logger")
     if cfg.eval.model and not (Path(cfg.eval.model) / "config.json").exists():
         raise ConfigError("eval.model", f"{cfg.eval.model} is not a Hugging Face model directory (no config.json)",
                           "give a model directory, or leave eval.model empty for the run's newest model")

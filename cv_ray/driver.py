@@ -146,8 +146,8 @@ def _print_where(ctx: RunContext) -> None:
     lines = [f"run directory: {ctx.work_dir.resolve()}",
              f"  metrics:  {ctx.tracker.metrics_path}",
              f"  summary:  {ctx.work_dir / 'summary.json'}"]
-    if (ctx.work_dir / "viewer" / "index.html").exists():
-        lines.append(f"  viewer:   {ctx.work_dir / 'viewer' / 'index.html'}")
+    if ctx.tracker.dashboard is not None:
+        lines.append(f"  dashboard: {ctx.tracker.dashboard.index_path}")
     if (ctx.work_dir / "eval" / "report.md").exists():
         lines.append(f"  report:   {ctx.work_dir / 'eval' / 'report.md'}")
     print("\n".join(lines))
@@ -218,6 +218,7 @@ def stage_sft(ctx: RunContext) -> dict[str, Any]:
     log.info("sft: %d conversations, %d steps of %d", len(samples), steps, sched.batch_size)
 
     metrics: dict[str, float] = {}
+    ctx.tracker.rewind("sft", 0)  # SFT starts over: a previous SFT stage's rows in this run directory go
     with LearnerGroup(model, replace(cfg.learner, lr=sched.lr), total_steps=steps, seed=cfg.trainer.seed,
                       temperature=cfg.rollout.temperature) as learner:
         for step in _progress(range(steps), "sft"):
@@ -260,12 +261,13 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
             start_step, history = resumed["step"], resumed["history"]
             sampler.position = DataPosition(**resumed["data_position"])
             weight_sync.sync()  # the engines still hold the pre-checkpoint weights
+        ctx.tracker.rewind("rl", start_step)  # each step shown once: forget logged steps this run does (again)
         for step in _progress(range(start_step, cfg.trainer.rl.steps), "rl", initial=start_step,
                               total=cfg.trainer.rl.steps):
             batch = [tasks[i] for i in sampler.next()]
             metrics = rl_step(ctx, step, batch, groups, learner, weight_sync)
             if _due(step, cfg.trainer.eval_every, cfg.trainer.rl.steps) and val_tasks:
-                metrics.update(validation_rollouts(ctx, val_tasks, groups))
+                metrics.update(validation_rollouts(ctx, step, val_tasks, groups))
             history.append({k: v for k, v in metrics.items() if k in ("reward/total", "reward/correct", "eval/accuracy")})
             ctx.tracker.log(metrics, step=step, stage="rl")
             if _due(step, cfg.trainer.save_every, cfg.trainer.rl.steps):
@@ -279,10 +281,10 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
 def rl_step(ctx: RunContext, step: int, tasks: list, groups, learner, weight_sync) -> dict[str, float]:
     """One GRPO step as numbered, timed phases. Returns every metric of the step."""
     from cv_ray.agent.generation import mix_seeds
+    from cv_ray.dashboard import RolloutSample
     from cv_ray.episode_groups import group_by_task
     from cv_ray.learner.advantages import compute_advantages
     from cv_ray.learner.batch import rl_sample
-    from cv_ray.viewer import ViewerSample
 
     cfg = ctx.cfg
     timer = PhaseTimer()
@@ -303,18 +305,24 @@ def rl_step(ctx: RunContext, step: int, tasks: list, groups, learner, weight_syn
             learner_metrics = learner.rl_step([rl_sample(t, a) for (t, _), a in zip(flat, advantages)])
         with timer("weight_push"):  # 5. trainable weights to every rollout engine (cv_ray/weight_sync.py)
             push_metrics = weight_sync.sync()
-    # 6. log (the caller writes the metrics; samples go to the viewer now)
+    # 6. log (the caller writes the metrics; samples go to the dashboard now)
     shown = flat[: ctx.cfg.logger.samples_per_step]
     task_of = {t.uid: t for t in tasks}
-    ctx.tracker.log_samples([ViewerSample.from_rollout(task_of[t.uid], t, b) for t, b in shown], step=step)
+    ctx.tracker.log_samples([RolloutSample.from_rollout(task_of[t.uid], t, b) for t, b in shown], step=step)
     return {**rollout_metrics, **reward_metrics, **adv_metrics, **_prefixed("learner", learner_metrics),
             **push_metrics, **timer.seconds}
 
 
-def validation_rollouts(ctx: RunContext, val_tasks: list, groups) -> dict[str, float]:
-    """Greedy rollouts on the validation tasks: accuracy and mean reward (`eval/*`)."""
+def validation_rollouts(ctx: RunContext, step: int, val_tasks: list, groups) -> dict[str, float]:
+    """Greedy rollouts on the validation tasks: accuracy and mean reward (`eval/*`); a few trajectories
+    go to the dashboard under the `val` stage."""
+    from cv_ray.dashboard import RolloutSample
+
     scored = groups.play(val_tasks, 1, temperature=ctx.cfg.eval.temperature)
     episodes = scored.triples()
+    shown = episodes[: ctx.cfg.logger.samples_per_step]
+    ctx.tracker.log_samples([RolloutSample.from_rollout(task, traj, b) for task, traj, b in shown], step=step,
+                            stage="val")
     return {"eval/accuracy": float(np.mean([b.correct for _, _, b in episodes])),
             "eval/reward": float(np.mean([b.total for _, _, b in episodes])),
             "eval/tool_use_rate": float(np.mean([len(t.tool_calls) > 0 for _, t, _ in episodes]))}
@@ -327,6 +335,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
     _ensure_data(ctx)
     model = Path(ctx.cfg.eval.model) if ctx.cfg.eval.model else ctx.latest_model()
     summaries, paths = evaluate(ctx.model_ref(model), ctx.cfg, ctx.data_dir, ctx.work_dir / "eval")
+    ctx.tracker.log_eval_report(paths["report"].parent)
     with_tools = summaries.get("with_tools", {})
     final = {"eval/accuracy": with_tools.get("accuracy")}
     if "without_tools" in summaries:

@@ -153,6 +153,8 @@ class Trajectory:
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
     response_text: str = ""
     """Decoded assistant text of the whole episode with tool responses removed."""
+    turn_texts: list[str] = field(default_factory=list)
+    """Decoded text of each assistant turn, in order (``response_text`` is them joined by newlines)."""
     num_turns: int = 0
     """Assistant turns generated."""
     stop_reason: str = ""

@@ -87,7 +87,7 @@ def test_pipeline_writes_metrics_with_every_reward_component(pipeline_run):
     assert {stage: summary[stage]["live_actors_after"] for stage in ("data", "sft", "rl", "eval")} == \
         {"data": 0, "sft": 0, "rl": 0, "eval": 0}
     assert (pipeline_run / "eval" / "report.md").exists()
-    assert (pipeline_run / "viewer" / "index.html").exists()
+    assert (pipeline_run / "dashboard" / "index.html").exists() and (pipeline_run / "dashboard" / "data" / "eval.js").exists()
 
 
 def test_training_changed_the_parameters(pipeline_run):
@@ -122,7 +122,7 @@ def test_a_resumed_run_replays_the_uninterrupted_one(pipeline_run, tmp_path, cv_
     import shutil
 
     run = tmp_path / "resumed"
-    shutil.copytree(pipeline_run, run, ignore=shutil.ignore_patterns("rl_model", "eval", "viewer", "dashboard"))
+    shutil.copytree(pipeline_run, run, ignore=shutil.ignore_patterns("rl_model", "eval"))
     checkpoints = run / "checkpoints"
     for later in ("step_000002", "step_000003"):
         shutil.rmtree(checkpoints / later)
@@ -135,6 +135,8 @@ def test_a_resumed_run_replays_the_uninterrupted_one(pipeline_run, tmp_path, cv_
     assert "skipping incomplete checkpoint" in log and "step_000002" in log
     assert "resume: " in log and "step_000001" in log
 
+    # Each step is logged once (the killed run's rows for the steps done again are rewound).
+    assert [r["step"] for r in _rows(run / "metrics.jsonl") if r["stage"] == "rl"] == [0, 1, 2]
     uninterrupted = _last_rows(pipeline_run / "metrics.jsonl", "rl")
     resumed = _last_rows(run / "metrics.jsonl", "rl")
     for step in (1, 2):

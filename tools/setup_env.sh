@@ -15,6 +15,19 @@ extras=${CV_RAY_EXTRAS:-dev}
 stamp=.venv/.cv_ray-setup
 want=$( (cat pyproject.toml tools/setup_env.sh; echo "$torch_spec [$extras]") | sha256sum | cut -c1-16)
 
+# Debian's Chromium, for the dashboard's browser tests (tests/test_dashboard_browser.py) and its
+# screenshots (python -m cv_ray.dashboard.browser). Checked on every run: it lives outside .venv.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "cv_ray setup: installing chromium (Debian package) for the dashboard's browser tests" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    echo "cv_ray setup: chromium is missing and this is not root with apt-get: the dashboard's browser tests" \
+         "will fail. Install it as root: apt-get update && apt-get install -y chromium" >&2
+  fi
+fi
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/cv-ray ]; then
   bash tools/setup_vllm_api.sh   # vLLM's Python code for the vllm_api tests (own stamp; see that script)
   exit 0

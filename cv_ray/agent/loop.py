@@ -122,6 +122,7 @@ class _Episode:
             response_ids=self.response_ids, response_mask=self.response_mask, rollout_logprobs=self.logprobs,
             images=self.images, model_images=self.model_images, image_to_origin=self.image_to_origin,
             image_parent=self.image_parent, tool_calls=self.tool_calls, response_text="\n".join(self.texts),
+            turn_texts=list(self.texts),
             num_turns=self.num_turns, stop_reason=stop_reason, metrics=metrics,
         )
 

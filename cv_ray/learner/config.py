@@ -74,6 +74,12 @@ class LearnerConfig:
     """transformers attention kernel (`sdpa`, `eager`, `flash_attention_2` where installed)."""
     weight_bucket_mb: int = 512
     """Weight push / export: ZeRO-3 gathers parameters in buckets of at most this many MiB."""
+    logprob_chunk_tokens: int = 1024
+    """Token log-probs and entropies are computed from the final hidden states through `lm_head` this
+    many positions at a time, so no `[T, vocab]` logits exist in the forward or backward pass: peak
+    memory about two float32 `[chunk, vocab]` blocks (1024 x 151,936: 0.6 GB each) instead of
+    several `T x vocab` copies. 0: the model's full logits and one whole-row log-softmax (the
+    reference computation; runs out of memory on long responses)."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The registered losses and their coefficients."""
 
@@ -101,6 +107,9 @@ class LearnerConfig:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{prefix}.precision", f"got {self.precision!r}", "use `auto`, `bf16` or `fp32`")
         require_at_least(self, prefix, "weight_bucket_mb", 1)
+        if self.logprob_chunk_tokens < 0:
+            raise ConfigError(f"{prefix}.logprob_chunk_tokens", f"got {self.logprob_chunk_tokens}",
+                              "use a positive chunk (positions per lm_head block, e.g. 1024) or 0 for no chunking")
         if self.grad_clip < 0:
             raise ConfigError(f"{prefix}.grad_clip", f"got {self.grad_clip}", "use 0 (off) or a positive norm")
         loss = self.loss

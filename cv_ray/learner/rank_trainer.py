@@ -137,7 +137,8 @@ class RankTrainer:
         # The vision tower to run on image-less micro-batches is that of the model being called
         # (a DeepSpeed engine wraps it in `.module`).
         touch = getattr(model, "module", model) if self.world_size > 1 else None
-        return sequence_logprobs(model, batch, self.temperature, self.banned_ids, touch_vision=touch)
+        return sequence_logprobs(model, batch, self.temperature, self.banned_ids, touch_vision=touch,
+                                 chunk_tokens=self.cfg.logprob_chunk_tokens)
 
     def compute_logprobs(self, samples: Sequence[TrainSample], which: str) -> list[np.ndarray]:
         """Per-sample ``[T]`` float32 log-probs under the ``policy`` or the ``reference`` (no gradient)."""

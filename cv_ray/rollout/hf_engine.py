@@ -129,8 +129,11 @@ class HFEngine(Engine):
         result = self.model.generate(**inputs, generation_config=config)
         prompt_len = inputs["input_ids"].shape[1]
         new_tokens = result.sequences[:, prompt_len:]
-        logits = torch.stack(result.logits, dim=1)  # [B, steps, vocab], raw (before any processor)
-        logprobs, _ = token_logprobs(logits, new_tokens, sampling.temperature, sampling.banned_token_ids)
+        # result.logits: one raw [B, vocab] tensor per step (before any processor). Scored step by step,
+        # so no [B, steps, vocab] copy or float32 log-softmax of all steps at once ever exists.
+        logprobs = torch.stack([token_logprobs(step_logits, new_tokens[:, step], sampling.temperature,
+                                               sampling.banned_token_ids)[0]
+                                for step, step_logits in enumerate(result.logits)], dim=1)
         stops = set(sampling.stop_token_ids)
         outputs = []
         for row, request in enumerate(requests):

@@ -44,7 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf"
 # What a previous demo run leaves in its run directory (the tiny base model is kept: it is seeded).
-RUN_OUTPUTS = ("data", "sft_model", "rl_model", "checkpoints", "viewer", "metrics.jsonl", "metrics.json",
+RUN_OUTPUTS = ("data", "sft_model", "rl_model", "checkpoints", "dashboard", "metrics.jsonl", "metrics.json",
                "summary.json", "learning_curve.png", "config.resolved.yaml")
 
 log = logging.getLogger("learning_demo")
@@ -169,10 +169,11 @@ def plot_curve(path: Path, reward_by_step: list[float], train_accuracy: list[flo
     right.plot(eval_steps, eval_accuracy, color="tab:red", marker="o", label="held-out accuracy (greedy)")
     right.set_ylabel("accuracy")
     right.set_ylim(0, 1.05)
-    right.axhline(0.25, color="gray", linestyle=":", linewidth=1)
-    fig.legend(loc="lower right", fontsize=8)
+    right.axhline(0.25, color="gray", linestyle=":", linewidth=1, label="chance (1 in 4)")
     left.set_title("learning demo: colour of the upright top-left corner")
-    fig.tight_layout()
+    # Below the axes, in a band kept free for it: inside, it covered the curves and the tick labels.
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

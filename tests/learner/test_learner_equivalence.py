@@ -53,8 +53,11 @@ def test_two_ranks_with_micro_batches_update_like_one_rank_with_the_whole_batch(
         assert m2[prefix + "loss"] == pytest.approx(m1[prefix + "loss"], rel=1e-5)
         assert m2[prefix + "grad_norm"] == pytest.approx(m1[prefix + "grad_norm"], rel=1e-4)
         assert m1[prefix + "grad_norm"] > 0
-        # Adam's first steps move each weight by about lr; the two runs agree far below that.
+        # Adam's first steps move each weight by about lr; the two runs agree far below that. Not to
+        # lr / 100: Adam's step is lr * g / (|g| + 1e-8), and a weight whose gradient is a few 1e-9
+        # (a sum that cancels) moves by a fraction of lr that its last float32 bits decide, which the
+        # split into ranks and micro-batches changes (seen: lr / 65).
         worst = max(float((w1[n] - w2[n]).abs().max()) for n in w1)
         moved = max(float((w1[n] - one[0][n]).abs().max()) for n in w1)
-        assert moved > LR / 2 and worst < LR / 100, (prefix, worst, moved)
+        assert moved > LR / 2 and worst < LR / 20, (prefix, worst, moved)
     assert np.isfinite(one[2][0]["rl/pg_loss"])
