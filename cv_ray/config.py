@@ -10,7 +10,7 @@ The YAML groups in ``conf/`` fill the schema; ``conf/config.yaml`` lists the def
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +243,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("trainer.sft.batch_size",
                           f"{cfg.trainer.sft.batch_size} sequences do not split over learner.num_ranks={cfg.learner.num_ranks}",
                           "make trainer.sft.batch_size a multiple of learner.num_ranks")
+    check_weight_sync(cfg.rollout, cfg.learner)
     sequences = cfg.trainer.rl.batch_size * cfg.rollout.n_samples
     mini = cfg.learner.mini_batch_size or sequences
     if sequences % mini:
@@ -254,6 +255,63 @@ def validate(cfg: Config) -> None:
         raise ConfigError("learner.mini_batch_size",
                           f"a mini-batch of {mini} sequences does not split over learner.num_ranks={cfg.learner.num_ranks}",
                           "make learner.mini_batch_size a multiple of learner.num_ranks")
+
+
+def weight_sync_path(rollout: RolloutConfig, learner: LearnerConfig) -> str:
+    """The weight path of a run (one of ``WEIGHT_SYNC_PATHS``; cv_ray/weight_sync.py does each).
+
+    An explicit ``rollout.vllm.weight_sync`` is taken as given (:func:`check_weight_sync` refuses the
+    impossible ones). ``auto`` picks the fastest one the placement allows: an HF engine reads the
+    object store; vLLM engines on fractions of a GPU beside one learner rank on a fraction too
+    (``experiment=single_gpu``) read its parameters in place through CUDA IPC; engines and learner
+    ranks on whole GPUs share a NCCL broadcast; anything else (a learner on CPU) goes through the
+    object store.
+    """
+    if rollout.engine != "vllm":
+        return "object_store"
+    if rollout.vllm.weight_sync != "auto":
+        return rollout.vllm.weight_sync
+    if learner.gpus_per_rank >= 1 and rollout.gpus_per_worker >= 1:
+        return "nccl"
+    if not _ipc_problems(rollout, learner) and rollout.gpus_per_worker < 1 and learner.gpus_per_rank < 1:
+        return "ipc"
+    return "object_store"
+
+
+def _ipc_problems(rollout: RolloutConfig, learner: LearnerConfig) -> list[str]:
+    """Why rank 0 could not share its parameters with the engines in place (empty: it can)."""
+    return [text for broken, text in (
+        (learner.num_ranks != 1, f"learner.num_ranks={learner.num_ranks} (one rank exports its parameters)"),
+        (learner.gpus_per_rank <= 0, "the learner is on CPU"),
+        (learner.zero_stage == 3, "learner.zero_stage=3 (rank 0 holds only a shard of each parameter)"),
+        (rollout.vllm.tensor_parallel_size != 1,
+         f"rollout.vllm.tensor_parallel_size={rollout.vllm.tensor_parallel_size} (engines span GPUs)"),
+    ) if broken]
+
+
+def check_weight_sync(rollout: RolloutConfig, learner: LearnerConfig) -> None:
+    """The learner's side of an explicitly chosen weight path: NCCL joins learner rank 0 and every vLLM
+    worker, each on a GPU of its own; CUDA IPC lets the one-GPU engines read rank 0's parameters where
+    they lie, so rank 0 holds them whole (one rank, ZeRO 0-2) on the GPU the engines share (checked
+    again by GPU UUID at set-up)."""
+    path = weight_sync_path(rollout, learner)
+    key = "rollout.vllm.weight_sync"
+    if path == "nccl" and not (learner.gpus_per_rank >= 1 and rollout.gpus_per_worker >= 1):
+        raise ConfigError(key, f"nccl with learner.gpus_per_rank={learner.gpus_per_rank:g} and "
+                          f"rollout.gpus_per_worker={rollout.gpus_per_worker:g}",
+                          "NCCL needs learner rank 0 and every engine on whole GPUs of their own; with the "
+                          "learner on CPU use object_store, with one shared GPU use ipc (or leave it at auto)")
+    problems = _ipc_problems(rollout, learner) if path == "ipc" else []
+    if problems:
+        raise ConfigError(key, "ipc with " + "; ".join(problems),
+                          "ipc needs one learner rank (ZeRO 0-2) on the GPU its one-GPU engines share "
+                          "(experiment=single_gpu); otherwise use nccl (whole GPUs) or object_store, or leave it at auto")
+
+
+def resolve_weight_sync(rollout: RolloutConfig, learner: LearnerConfig) -> RolloutConfig:
+    """``rollout`` with ``vllm.weight_sync`` set to the run's path (``auto`` resolved): what the RL stage
+    starts its rollout workers with (a vLLM engine builds the receiver of its path at start-up)."""
+    return replace(rollout, vllm=replace(rollout.vllm, weight_sync=weight_sync_path(rollout, learner)))
 
 
 def validate_resources(cfg: Config, resources: dict[str, float]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cv_ray.actor_group import live_actors
-from cv_ray.config import Config, as_dict, to_yaml, validate_resources
+from cv_ray.config import Config, as_dict, resolve_weight_sync, to_yaml, validate_resources
 from cv_ray.learner.checkpoint import DataPosition
 from cv_ray.models import ModelRef, prepare_model
 from cv_ray.tracking import Tracker
@@ -278,6 +278,7 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
     """GRPO from the SFT model (or the base model): the RL loop with evaluation and checkpoints."""
     from cv_ray.episode_groups import EpisodeGroups
     from cv_ray.learner.group import LearnerGroup
+    from cv_ray.weight_sync import make_weight_sync
 
     _ensure_data(ctx)
     cfg = ctx.cfg
@@ -293,20 +294,22 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
     sampler = BatchSampler(len(tasks), cfg.trainer.rl.batch_size, seed=cfg.trainer.seed)
     start_step, history = 0, []
     metrics: dict[str, float] = {}
-    with EpisodeGroups.start(model, cfg.rollout, cfg.sandbox, cfg.reward) as groups, \
+    rollout_cfg = resolve_weight_sync(cfg.rollout, cfg.learner)  # `auto` -> the path; engines start with its receiver
+    with EpisodeGroups.start(model, rollout_cfg, cfg.sandbox, cfg.reward) as groups, \
             LearnerGroup(model, cfg.learner, total_steps=cfg.trainer.rl.steps * updates_per_step,
                          seed=cfg.trainer.seed, temperature=cfg.rollout.temperature) as learner:
+        weight_sync = make_weight_sync(rollout_cfg, learner, groups.rollout)  # phase 5's path, set up once
         reward_weights = groups.reward.weights()  # what the reward actors score with (a sweep's job's own)
         resumed = _resume(ctx, learner)
         if resumed is not None:
             start_step, history = resumed["step"], resumed["history"]
             sampler.position = DataPosition(**resumed["data_position"])
-            groups.rollout.update_weights(learner.gather_weights())  # the engines still hold the pre-checkpoint weights
+            weight_sync.sync()  # the engines still hold the pre-checkpoint weights
         ctx.tracker.rewind("rl", start_step)  # each step shown once: forget logged steps this run does (again)
         for step in _progress(range(start_step, cfg.trainer.rl.steps), "rl", initial=start_step,
                               total=cfg.trainer.rl.steps):
             batch = [tasks[i] for i in sampler.next()]
-            metrics = rl_step(ctx, step, batch, groups, learner)
+            metrics = rl_step(ctx, step, batch, groups, learner, weight_sync)
             if _due(step, cfg.trainer.eval_every, cfg.trainer.rl.steps) and val_tasks:
                 metrics.update(validation_rollouts(ctx, step, val_tasks, groups))
             history.append({k: v for k, v in metrics.items() if k in ("reward/total", "reward/correct", "eval/accuracy")})
@@ -319,7 +322,7 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
             "reward_weights": reward_weights}
 
 
-def rl_step(ctx: RunContext, step: int, tasks: list, groups, learner) -> dict[str, float]:
+def rl_step(ctx: RunContext, step: int, tasks: list, groups, learner, weight_sync) -> dict[str, float]:
     """One GRPO step as numbered, timed phases. Returns every metric of the step."""
     from cv_ray.agent.generation import mix_seeds
     from cv_ray.dashboard import RolloutSample
@@ -344,17 +347,14 @@ def rl_step(ctx: RunContext, step: int, tasks: list, groups, learner) -> dict[st
                 std_norm=cfg.trainer.rl.adv_std_norm)
         with timer("update"):  # 4. policy update (clipped loss + KL to the reference)
             learner_metrics = learner.rl_step([rl_sample(t, a) for (t, _), a in zip(flat, advantages)])
-        with timer("weight_push"):  # 5. new weights to every rollout engine (gathered once, read by all)
-            with timer("weight_gather"):
-                weights = learner.gather_weights()
-            with timer("weight_load"):
-                groups.rollout.update_weights(weights)
+        with timer("weight_push"):  # 5. trainable weights to every rollout engine (cv_ray/weight_sync.py)
+            push_metrics = weight_sync.sync()
     # 6. log (the caller writes the metrics; samples go to the dashboard now)
     shown = flat[: ctx.cfg.logger.samples_per_step]
     task_of = {t.uid: t for t in tasks}
     ctx.tracker.log_samples([RolloutSample.from_rollout(task_of[t.uid], t, b) for t, b in shown], step=step)
     return {**rollout_metrics, **reward_metrics, **adv_metrics, **_prefixed("learner", learner_metrics),
-            **timer.seconds}
+            **push_metrics, **timer.seconds}
 
 
 def validation_rollouts(ctx: RunContext, step: int, val_tasks: list, groups) -> dict[str, float]:

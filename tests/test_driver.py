@@ -77,6 +77,9 @@ def test_pipeline_writes_metrics_with_every_reward_component(pipeline_run):
             assert f"reward/{component}" in row
         for phase in ("rollout", "reward", "advantage", "update", "weight_push"):
             assert row[f"time/{phase}_s"] > 0
+        # The weight push (cv_ray/weight_sync.py): the object store on CPU, the engines one version per step.
+        assert row["weights/path/object_store"] == 1 and row["weights/bytes"] > 0 and row["weights/sync_s"] > 0
+        assert row["weights/version"] == row["step"] + 1
     assert "eval/accuracy" in rl[-1]
     summary = json.loads((pipeline_run / "summary.json").read_text())
     assert set(summary) >= {"data", "sft", "rl", "eval", "final"}

@@ -30,6 +30,7 @@ FLOORS: list[str] = [
     "models", "data",                      # model directories and processors; datasets
     "rollout", "learner",                  # engines and rollout actors; DeepSpeed ranks
     "config", "episode_groups", "cluster",  # the config tree; the sandbox/rollout/reward trio; Ray start-up
+    "weight_sync",                         # the weight push between the learner and the rollout engines
     "dashboard", "tracking",               # what a run shows
     "eval", "sweep",                       # benchmark runner; sweep summaries
     "driver", "cli",                       # the single controller and its entry point

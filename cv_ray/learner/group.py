@@ -206,13 +206,43 @@ class LearnerGroup(GroupShell):
 
     # -------------------------------------------------------------------------------- weights
 
-    def gather_weights(self) -> ray.ObjectRef:
+    def gather_weights(self, trainable_only: bool = False) -> ray.ObjectRef:
         """An ObjectRef of ``{hf_param_name: full CPU tensor}`` (gathered per bucket under ZeRO-3), in
-        Ray's object store once, for ``RolloutGroup.update_weights``. Returns when the gather is done."""
-        refs = self.actors.each(lambda rank: rank.gather_weights.remote())
+        Ray's object store once, for ``RolloutGroup.update_weights``. Returns when the gather is done.
+        ``trainable_only``: what a weight sync sends (the frozen vision tower stays out)."""
+        refs = self.actors.each(lambda rank: rank.gather_weights.remote(trainable_only))
         ray.get(refs[1:])  # the other ranks return None once their part of the collective is done
         ray.wait(refs[:1], fetch_local=False)
         return refs[0]
+
+    # The GPU-to-GPU weight paths; cv_ray/weight_sync.py drives them (cv_ray/learner/weight_sender.py).
+
+    def weight_metadata(self) -> list:
+        """``(name, dtype, full shape)`` of the trainable parameters, in the order every sync sends them."""
+        return ray.get(self.ranks[0].weight_metadata.remote())
+
+    def weight_sender_address(self) -> tuple[str, int]:
+        """Rank 0's node address and a free port there: the NCCL weight group's rendezvous."""
+        return ray.get(self.ranks[0].rendezvous_address.remote())
+
+    def open_weight_sender(self, master_address: str, master_port: int, world_size: int,
+                           bucket_bytes: int) -> ray.ObjectRef:
+        """Rank 0 opens the NCCL weight group (rank 0 of ``world_size``). Returns the ref: it resolves
+        once every engine worker has joined, which they do in their own calls meanwhile."""
+        return self.ranks[0].open_weight_sender.remote(master_address, master_port, world_size, bucket_bytes)
+
+    def broadcast_weights(self, metadata: list) -> list[ray.ObjectRef]:
+        """Every rank walks the trainable parameters' gathers, rank 0 broadcasts them over the NCCL weight
+        group; the refs (rank 0's: bytes sent) resolve once done, which needs the engines receiving."""
+        return self.actors.each(lambda rank: rank.broadcast_weights.remote(metadata))
+
+    def ipc_weight_handles(self) -> dict:
+        """vLLM's IPC update info for rank 0's own trainable parameters on its GPU (one rank, ZeRO 0-2)."""
+        return ray.get(self.ranks[0].ipc_weight_handles.remote())
+
+    def gpu_uuid(self) -> str | None:
+        """UUID of rank 0's GPU (None on CPU)."""
+        return ray.get(self.ranks[0].gpu_uuid.remote())
 
     # ---------------------------------------------------------------------------- checkpoints
 

@@ -62,8 +62,23 @@ class LearnerRank:
     def rl_update(self, samples, denominator: float) -> dict[str, Any]:
         return self.trainer.rl_update(samples, denominator)
 
-    def gather_weights(self):
-        return self.trainer.gather_weights()
+    def gather_weights(self, trainable_only: bool = False):
+        return self.trainer.gather_weights(trainable_only)
+
+    def weight_metadata(self):
+        return self.trainer.weight_metadata()
+
+    def open_weight_sender(self, master_address: str, master_port: int, world_size: int, bucket_bytes: int) -> None:
+        self.trainer.open_weight_sender(master_address, master_port, world_size, bucket_bytes)
+
+    def broadcast_weights(self, metadata) -> int:
+        return self.trainer.broadcast_weights(metadata)
+
+    def ipc_weight_handles(self):
+        return self.trainer.ipc_weight_handles()
+
+    def gpu_uuid(self) -> str | None:
+        return self.trainer.gpu_uuid()
 
     def save_checkpoint(self, directory: str, client_state: dict[str, Any]) -> None:
         self.trainer.save_checkpoint(directory, client_state)
@@ -77,6 +92,8 @@ class LearnerRank:
     def shutdown(self) -> None:
         import torch.distributed as dist
 
+        if self.trainer is not None:
+            self.trainer.close_weight_sender()
         self.trainer = None
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cv_ray.learner import checkpoint
+from cv_ray.learner import checkpoint, weight_sender
 from cv_ray.learner.batch import ModelBatch, TrainSample, collate
 from cv_ray.learner.config import LearnerConfig
 from cv_ray.learner.forward import sequence_logprobs
@@ -124,6 +124,8 @@ class RankTrainer:
         self.processor = model_ref.load_processor()
         self.pad_id = self.processor.tokenizer.pad_token_id or 0
         self.banned_ids = banned_token_ids(self.module.config)
+        self.weight_sender: weight_sender.NcclWeightSender | None = None
+        self._ipc_exported: list[torch.Tensor] = []  # the last IPC export, referenced until the next one
         self.objective: RLObjective = build_rl_objective(
             cfg.loss.policy_loss, cfg.loss.aggregation, cfg.loss.kl_estimator, clip_low=cfg.loss.clip_low,
             clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip, kl_coef=cfg.loss.kl_coef,
@@ -213,12 +215,58 @@ class RankTrainer:
 
     # ------------------------------------------------------------------- weights and checkpoints
 
-    def gather_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full weights (HF names, CPU tensors) on rank 0; None on the other ranks (collective)."""
+    def _full_weights(self, trainable_only: bool, device: torch.device | str):
         bucket = self.cfg.weight_bucket_mb * 2**20 // self.module.dtype.itemsize
         # Every rank walks all buckets (the gathers are collective); only rank 0 keeps copies.
-        weights = dict(iter_full_weights(self.module, self.partitioned, keep=self.rank == 0, bucket_numel=bucket))
+        return iter_full_weights(self.module, self.partitioned, keep=self.rank == 0, bucket_numel=bucket,
+                                 trainable_only=trainable_only, device=device)
+
+    def gather_weights(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """Full weights (HF names, CPU tensors) on rank 0; None on the other ranks (collective).
+        ``trainable_only``: the parameters a weight sync sends (the frozen vision tower stays out)."""
+        weights = dict(self._full_weights(trainable_only, "cpu"))
         return weights if self.rank == 0 else None
+
+    # The GPU-to-GPU weight paths (cv_ray/weight_sync.py; cv_ray/learner/weight_sender.py).
+
+    def weight_metadata(self) -> list[weight_sender.ParamMeta]:
+        """``(name, dtype, full shape)`` of the trainable parameters, in the order a sync sends them."""
+        return weight_sender.weight_metadata(self.module, trainable_only=True)
+
+    def open_weight_sender(self, master_address: str, master_port: int, world_size: int, bucket_bytes: int) -> None:
+        """Rank 0: open the NCCL weight group as its rank 0 (returns once every engine worker joined)."""
+        if self.rank == 0:
+            self.weight_sender = weight_sender.NcclWeightSender(master_address, master_port, world_size, bucket_bytes)
+
+    def broadcast_weights(self, metadata: list[weight_sender.ParamMeta]) -> int:
+        """Collective: every rank walks the gathers of the trainable parameters; rank 0 broadcasts them
+        over the NCCL weight group (the engines receive meanwhile). Returns the bytes sent (0 elsewhere)."""
+        tensors = self._full_weights(trainable_only=True, device=self.device)
+        if self.rank != 0:
+            for _ in tensors:
+                pass
+            return 0
+        if self.weight_sender is None:
+            raise RuntimeError("broadcast_weights before open_weight_sender: the NCCL weight group is not open")
+        return self.weight_sender.send(tensors, metadata)
+
+    def ipc_weight_handles(self) -> dict[str, Any]:
+        """Rank 0: vLLM's IPC update info pointing at the trainable parameters where they lie on this GPU."""
+        if self.device.type == "cuda":
+            torch.cuda.ipc_collect()  # release what the engines let go of after the previous sync
+        info, self._ipc_exported = weight_sender.ipc_update_info(self.module, self.gpu_uuid(), trainable_only=True)
+        return info
+
+    def gpu_uuid(self) -> str | None:
+        """UUID of this rank's GPU (None on CPU): how a colocated engine is recognised."""
+        if self.device.type != "cuda":
+            return None
+        return str(torch.cuda.get_device_properties(self.device).uuid)
+
+    def close_weight_sender(self) -> None:
+        if self.weight_sender is not None:
+            self.weight_sender.close()
+            self.weight_sender = None
 
     def save_checkpoint(self, directory: str, client_state: dict[str, Any]) -> None:
         checkpoint.save_checkpoint(self.engine, directory, self.rank, client_state)
@@ -227,7 +275,7 @@ class RankTrainer:
         return checkpoint.load_checkpoint(self.engine, directory, self.rank)
 
     def export_hf(self, directory: str) -> str | None:
-        weights = self.gather_weights()
+        weights = self.gather_weights(trainable_only=False)
         if self.rank != 0:
             return None
         return str(checkpoint.export_hf(self.module, weights, self.model_path, Path(directory)))

@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 
 from cv_ray.errors import ConfigError, require_at_least
 
+#: How new weights reach the rollout engines (`rollout.vllm.weight_sync`; cv_ray/weight_sync.py does each):
+#: `object_store` (learner -> CPU -> Ray's object store -> every worker; the HF engine's only path),
+#: `nccl` (learner rank 0 broadcasts to every vLLM worker over one NCCL group, GPU to GPU) and
+#: `ipc` (learner rank 0 and the engine share a GPU: vLLM reads the learner's own tensors through CUDA IPC).
+WEIGHT_SYNC_PATHS = ("object_store", "nccl", "ipc")
+
 
 @dataclass
 class VLLMConfig:
@@ -20,6 +26,14 @@ class VLLMConfig:
     """Longest prompt + response vLLM plans its KV cache for (tokens)."""
     enforce_eager: bool = False
     """Skip CUDA-graph capture and torch.compile (faster start, slower decoding: smoke tests, debugging)."""
+    weight_sync: str = "auto"
+    """How the learner's weights reach the engines: `nccl` (GPU to GPU), `ipc` (engines on learner rank 0's
+    GPU read its parameters in place), `object_store` (through CPU and Ray's object store) or `auto`: the
+    fastest one the placement allows (cv_ray.config.weight_sync_path). Trainable parameters only, always."""
+    weight_bucket_mb: int = 512
+    """Weights travel in buckets of at most this many MiB: the NCCL broadcast's packed buffers (two on the
+    learner's GPU and on every engine GPU, outside gpu_memory_utilization) and the object-store path's
+    update calls."""
 
     def validate(self, prefix: str = "rollout.vllm") -> None:
         require_at_least(self, prefix, "tensor_parallel_size", 1)
@@ -27,6 +41,10 @@ class VLLMConfig:
             raise ConfigError(f"{prefix}.gpu_memory_utilization", f"got {self.gpu_memory_utilization}",
                               "use a fraction in (0, 1], e.g. 0.6 (0.3 on a GPU shared with the learner)")
         require_at_least(self, prefix, "max_model_len", 1)
+        if self.weight_sync not in ("auto", *WEIGHT_SYNC_PATHS):
+            raise ConfigError(f"{prefix}.weight_sync", f"got {self.weight_sync!r}",
+                              f"use auto, {', '.join(WEIGHT_SYNC_PATHS)}")
+        require_at_least(self, prefix, "weight_bucket_mb", 1)
 
 
 @dataclass
@@ -90,6 +108,10 @@ class RolloutConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{prefix}.top_p", f"got {self.top_p}", "use a value in (0, 1]")
         require_at_least(self, prefix, "max_turns", 1)
+        if self.engine == "hf" and self.vllm.weight_sync not in ("auto", "object_store"):
+            raise ConfigError(f"{prefix}.vllm.weight_sync", f"{self.vllm.weight_sync!r} with the HF engine",
+                              "the HF engine loads weights from Ray's object store only: leave it at auto "
+                              "(or use rollout=vllm for the GPU-to-GPU paths)")
         if self.engine == "vllm":
             self.vllm.validate(f"{prefix}.vllm")
             tp = self.vllm.tensor_parallel_size

@@ -12,7 +12,9 @@ RolloutGroup creates ``cfg.num_workers`` workers through the generic
 tasks across them, and returns the trajectories in task order with the batch's metrics.
 ``update_weights`` takes weights as an ObjectRef (what ``LearnerGroup.gather_weights`` returns: one
 copy in Ray's object store, read by every worker) or as a dict; their names are the Hugging Face
-state-dict names of the ``*ForConditionalGeneration`` model (``model.named_parameters()``).
+state-dict names of the ``*ForConditionalGeneration`` model (``model.named_parameters()``). The
+GPU-to-GPU paths of vLLM engines (``weight_endpoints``, ``init_weight_transfer``, ``receive_weights``)
+are driven by cv_ray/weight_sync.py, which also picks the path.
 """
 
 from __future__ import annotations
@@ -58,8 +60,19 @@ class RolloutWorker:
         finally:
             self.in_flight -= len(tasks) * n_samples
 
-    async def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
-        return await self.engine.update_weights(named_tensors)
+    async def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int | None = None) -> int:
+        return await self.engine.update_weights(named_tensors, version)
+
+    # The GPU-to-GPU weight paths of a vLLM engine (cv_ray/weight_sync.py drives them).
+
+    async def weight_endpoint(self) -> dict[str, Any]:
+        return self.engine.weight_endpoint()
+
+    async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        await self.engine.init_weight_transfer(init_info)
+
+    async def receive_weights(self, update_info: dict[str, Any], version: int | None = None) -> int:
+        return await self.engine.receive_weights(update_info, version)
 
     async def health(self) -> dict[str, Any]:
         return {**self.engine.describe(), "in_flight": self.in_flight, "node": ray.get_runtime_context().get_node_id()}
@@ -103,14 +116,30 @@ class RolloutGroup(GroupShell):
         trajectories = [t for chunk in self.actors.get(refs) for t in chunk]
         return trajectories, batch_metrics(trajectories, time.perf_counter() - started)
 
-    def update_weights(self, weights: ray.ObjectRef | dict[str, torch.Tensor]) -> list[int]:
+    def update_weights(self, weights: ray.ObjectRef | dict[str, torch.Tensor], version: int | None = None) -> list[int]:
         """Load one set of weights into every worker's engine; returns their new weight versions.
 
         ``weights``: an ObjectRef of ``{hf_name: tensor}`` (``LearnerGroup.gather_weights()``), or the
-        dict itself (put in the object store once here).
+        dict itself (put in the object store once here). ``version``: the version the engines take
+        (default: each engine's previous version + 1).
         """
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
-        return self.actors.get(self.actors.each(lambda worker: worker.update_weights.remote(ref)))
+        return self.actors.get(self.actors.each(lambda worker: worker.update_weights.remote(ref, version)))
+
+    # The GPU-to-GPU weight paths (vLLM engines; cv_ray/weight_sync.py). They return refs: the learner's
+    # side of a transfer must run while the engines wait in these calls.
+
+    def weight_endpoints(self) -> list[dict[str, Any]]:
+        """Per worker: its engine's receiver backend, GPU UUIDs and tensor-parallel size."""
+        return self.actors.get(self.actors.each(lambda worker: worker.weight_endpoint.remote()))
+
+    def init_weight_transfer(self, init_infos: list[dict[str, Any]]) -> list[ray.ObjectRef]:
+        """Worker ``i`` joins learner rank 0's weight group with ``init_infos[i]`` (its ranks in it)."""
+        return self.actors.zip(lambda worker, info: worker.init_weight_transfer.remote(info), init_infos)
+
+    def receive_weights(self, update_info: dict[str, Any], version: int | None = None) -> list[ray.ObjectRef]:
+        """Every engine loads what learner rank 0 sends (NCCL metadata, or IPC handles); refs of the new versions."""
+        return self.actors.each(lambda worker: worker.receive_weights.remote(update_info, version))
 
     def health(self) -> list[dict[str, Any]]:
         return self.actors.get(self.actors.each(lambda worker: worker.health.remote()))

@@ -22,11 +22,11 @@ from vllm_api import REPO, SIDE_DIR, cpu_vllm_model, vllm_config_for
 from vllm_standin import FakeCudaIpc
 
 from cv_ray.agent.chat import ChatCodec
+from cv_ray.agent.generation import GenerationRequest, SamplingParams
 from cv_ray.learner.weights import iter_full_weights
 from cv_ray.placement import vllm_launch
 from cv_ray.rollout import vllm_engine
 from cv_ray.rollout.config import VLLMConfig
-from cv_ray.agent.generation import GenerationRequest, SamplingParams
 from cv_ray.rollout.vllm_engine import engine_kwargs, ipc_update_info, sampling_kwargs, vllm_prompt
 
 pytestmark = pytest.mark.vllm_api
@@ -60,34 +60,35 @@ def _hf_weights(path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------ engine arguments
 
 
-def test_engine_kwargs_make_vllm_config(configs):
+def test_engine_kwargs_make_vllm_config(configs, tiny_qwen25):
     """vLLM's EngineArgs accepts the engine's arguments and turns them into the settings the engine relies on.
 
-    Mutant: an argument vLLM does not know (``logprob_mode``) or a weight-transfer backend other than
-    ``ipc`` (the update path then fails on the GPU node)."""
+    Mutant: an argument vLLM does not know (``logprob_mode``) or a weight-transfer backend vLLM does not
+    build (the update path then fails on the GPU node)."""
     config = configs("qwen2_5_vl")
     assert config.model_config.logprobs_mode == "processed_logprobs"
     assert config.weight_transfer_config.backend == "ipc"
     assert config.model_config.multimodal_config.get_limit_per_prompt("image") == 4
     assert config.model_config.multimodal_config.get_limit_per_prompt("video") == 0
     assert config.model_config.max_model_len == 8192
+    nccl = vllm_config_for(engine_kwargs(str(tiny_qwen25), VLLMConfig(), 4, weight_transfer_backend="nccl"))
+    assert nccl.weight_transfer_config.backend == "nccl"
 
 
-def test_engine_kwargs_bind_to_vllm_llm(vllm_api, tiny_qwen25):
-    """Every argument binds to ``vllm.LLM`` (named or forwarded to EngineArgs), for TP 1 and TP 4 with pixel bounds.
+def test_engine_kwargs_bind_to_vllm_async_engine_args(vllm_api, tiny_qwen25):
+    """Every argument is a field of ``AsyncEngineArgs`` (what the engine builds ``AsyncLLM`` from), for TP 1
+    and TP 4 with pixel bounds.
 
     Mutant: ``distributed_executor_backend`` spelled otherwise, or ``mm_processor_kwargs`` as a list."""
-    import inspect
-
-    from vllm.engine.arg_utils import EngineArgs
+    from vllm.engine.arg_utils import AsyncEngineArgs
 
     for tp in (1, 4):
         kwargs = engine_kwargs(str(tiny_qwen25), VLLMConfig(tensor_parallel_size=tp), 8, processor_kwargs=BOUNDS)
-        inspect.signature(vllm_api.LLM.__init__).bind(None, **kwargs)
-        args = EngineArgs(**kwargs)
+        args = AsyncEngineArgs(**kwargs)
         assert args.tensor_parallel_size == tp
         assert args.distributed_executor_backend == ("mp" if tp > 1 else None)
         assert args.mm_processor_kwargs == BOUNDS
+        assert args.disable_log_stats
 
 
 @ray.remote(num_cpus=0, max_calls=1)  # the worker process exits after the call: vLLM leaves with it
