@@ -3,7 +3,9 @@
 Usage::
 
     from cv_ray.sandbox import SandboxPool
-    with SandboxPool(workers=2, timeout_s=5.0, memory_mb=1024) as pool:
+    from cv_ray.sandbox.config import SandboxConfig
+
+    with SandboxPool(SandboxConfig(workers_per_executor=2, timeout_s=5.0)) as pool:
         r = pool.run(code, images=[img0, img1], image_index=0)
         # r.ok, r.image, r.error, r.error_class, r.ops, r.to_input, r.stdout, r.seconds
 
@@ -103,13 +105,13 @@ class _Slot:
 
 
 class SandboxPool:
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 1024, **options: Any):
-        """Start ``workers`` zygotes. ``options``: any other :class:`SandboxConfig` field
-        (``session``, ``max_code_chars``, ``max_output_pixels``, ``allow_degraded``, ...).
+    def __init__(self, cfg: SandboxConfig):
+        """Start ``cfg.workers_per_executor`` zygotes with the limits of ``cfg`` (validated here).
 
-        Raises SandboxUnavailable when an isolation layer is missing and ``allow_degraded`` is off.
+        Tests and tools override a few fields: ``SandboxPool(SandboxConfig(workers_per_executor=1,
+        timeout_s=2.0))``. Raises SandboxUnavailable when an isolation layer is missing and
+        ``cfg.allow_degraded`` is off.
         """
-        cfg = SandboxConfig(workers_per_executor=workers, timeout_s=timeout_s, memory_mb=memory_mb, **options)
         cfg.validate()
         self.cfg = cfg
         self._cond = threading.Condition()
@@ -130,12 +132,6 @@ class SandboxPool:
                 zygote.close()
             raise
 
-    @classmethod
-    def from_config(cls, cfg: SandboxConfig) -> SandboxPool:
-        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-        fields.pop("workers_per_executor")
-        return cls(workers=cfg.workers_per_executor, **fields)
-
     def __enter__(self) -> SandboxPool:
         return self
 
@@ -155,7 +151,7 @@ class SandboxPool:
             raise SandboxUnavailable(
                 "sandbox isolation layers missing on this host: " + "; ".join(missing)
                 + ". Fix the host (see docs/sandbox.md), or accept weaker isolation explicitly with "
-                  "sandbox.allow_degraded=true (SandboxPool(..., allow_degraded=True))")
+                  "sandbox.allow_degraded=true (SandboxConfig(allow_degraded=True))")
         if missing and not self.layers:
             log.warning("sandbox running DEGRADED (allow_degraded=true); missing: %s", "; ".join(missing))
         self.layers = layers

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
 from cv_ray.sandbox import SandboxPool, SandboxUnavailable
+from cv_ray.sandbox.config import SandboxConfig
 
 
 def test_layers_reported_and_all_active(pool):
@@ -94,7 +95,7 @@ def test_timeout_is_wall_clock_even_when_blocked_in_c(pool, photo):
 
 
 def test_stdout_is_captured_and_capped(photo):
-    with SandboxPool(workers=1, timeout_s=2.0, memory_mb=512, max_stdout_chars=20) as small:
+    with SandboxPool(SandboxConfig(workers_per_executor=1, timeout_s=2.0, memory_mb=512, max_stdout_chars=20)) as small:
         r = small.run("for i in range(100):\n    print(i)\nresult = image", [photo])
     assert r.ok and r.stdout.startswith("0\n1\n2\n") and "more characters not shown" in r.stdout
 
@@ -118,7 +119,7 @@ def test_many_threads_spread_over_workers(pool, photo):
 
 
 def test_a_killed_zygote_is_replaced(photo):
-    with SandboxPool(workers=1, timeout_s=2.0, memory_mb=512) as small:
+    with SandboxPool(SandboxConfig(workers_per_executor=1, timeout_s=2.0, memory_mb=512)) as small:
         old = small._slots[0].zygote.proc
         os.kill(old.pid, signal.SIGKILL)
         old.wait()
@@ -127,7 +128,7 @@ def test_a_killed_zygote_is_replaced(photo):
 
 
 def test_zygote_is_recycled_after_n_calls(photo):
-    with SandboxPool(workers=1, timeout_s=2.0, memory_mb=512, recycle_after=3) as small:
+    with SandboxPool(SandboxConfig(workers_per_executor=1, timeout_s=2.0, memory_mb=512, recycle_after=3)) as small:
         first = small._slots[0].zygote.proc.pid
         for _ in range(3):
             assert small.run("result = image", [photo]).ok
@@ -136,7 +137,7 @@ def test_zygote_is_recycled_after_n_calls(photo):
 
 
 def test_sessions_keep_variables_and_stay_isolated(photo):
-    with SandboxPool(workers=2, timeout_s=2.0, memory_mb=512, session="trajectory", session_idle_s=1.0) as p:
+    with SandboxPool(SandboxConfig(workers_per_executor=2, timeout_s=2.0, memory_mb=512, session="trajectory", session_idle_s=1.0)) as p:
         assert p.run("secret_a = 'alpha'\nresult = image", [photo], session_id="a").ok
         assert p.run("result = image.crop((0, 0, 10, 10))", [photo], session_id="b").ok
         same = p.run("print(secret_a)\nresult = image", [photo], session_id="a")
@@ -154,7 +155,7 @@ def test_sessions_keep_variables_and_stay_isolated(photo):
         time.sleep(2.0)  # past session_idle_s: the zygote ends the idle child
         assert "NameError" in p.run("print(idle)", [photo], session_id="d").error
         # per-call pools ignore session ids
-    with SandboxPool(workers=1, timeout_s=2.0, memory_mb=512) as call_pool:
+    with SandboxPool(SandboxConfig(workers_per_executor=1, timeout_s=2.0, memory_mb=512)) as call_pool:
         assert call_pool.run("v = 1\nresult = image", [photo], session_id="x").ok
         assert "NameError" in call_pool.run("print(v)", [photo], session_id="x").error
 
@@ -173,8 +174,8 @@ def test_missing_seccomp_is_refused_unless_degraded_is_allowed(tmp_path, monkeyp
 
     monkeypatch.setattr(zygote_handle, "zygote_env", env_without_seccomp)
     with pytest.raises(SandboxUnavailable, match="seccomp .*libseccomp is not installed.*allow_degraded"):
-        SandboxPool(workers=1, timeout_s=2.0, memory_mb=512)
-    with SandboxPool(workers=1, timeout_s=2.0, memory_mb=512, allow_degraded=True) as degraded:
+        SandboxPool(SandboxConfig(workers_per_executor=1, timeout_s=2.0, memory_mb=512))
+    with SandboxPool(SandboxConfig(workers_per_executor=1, timeout_s=2.0, memory_mb=512, allow_degraded=True)) as degraded:
         assert not degraded.layers["seccomp"]["ok"] and degraded.layers["network_namespace"]["ok"]
         r = degraded.run("result = image.rotate(90, expand=True)", [photo])
         assert r.ok
