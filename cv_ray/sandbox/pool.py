@@ -48,6 +48,8 @@ _CRASH_SIGNALS = {signal.SIGSEGV: "SIGSEGV", signal.SIGBUS: "SIGBUS", signal.SIG
 #: Exit statuses the child uses for its own failures (hardening failed, broken request pipe).
 _INFRA_EXIT_CODES = frozenset({70, 71})
 _MAX_ERROR_CHARS = 4000
+#: Most tracer errors one call may add to the pool's count (the child's number is not trusted).
+_MAX_TRACER_ERRORS = 1000
 
 
 class SandboxUnavailable(RuntimeError):
@@ -119,7 +121,8 @@ class SandboxPool:
         self._session_slot: dict[str, _Slot] = {}
         self._closed = False
         self.counts: collections.Counter[str] = collections.Counter()
-        """Calls by outcome (``ok`` or the error class) and ``zygote_restarts``."""
+        """Calls by outcome (``ok`` or the error class), ``zygote_restarts``, and ``tracer_errors``
+        (traced library calls whose bookkeeping failed in the child: ops the trace missed)."""
         self.layers: dict[str, dict[str, Any]] = {}
         """The isolation layers the zygotes reported at start-up: ``{name: {"ok", "detail"}}``."""
         zygotes = [ZygoteProcess(self._zygote_settings()) for _ in self._slots]
@@ -298,6 +301,10 @@ class SandboxPool:
                                                self.cfg.memory_mb)
             return ExecResult(ok=False, error=error, error_class=error_class)
         meta, image = outcome.response.meta, outcome.response.image
+        tracer_errors = meta.get("tracer_errors")
+        if isinstance(tracer_errors, int) and not isinstance(tracer_errors, bool) and tracer_errors > 0:
+            with self._cond:  # the child's count (forgeable, like all it sends): a diagnostic, not a verdict
+                self.counts["tracer_errors"] += min(tracer_errors, _MAX_TRACER_ERRORS)
         # The child caps stdout itself; allow for its "... more characters" note.
         stdout = _text(meta.get("stdout"), self.cfg.max_stdout_chars + 100)
         if meta.get("ok") is not True or image is None:

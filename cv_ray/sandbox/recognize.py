@@ -539,8 +539,14 @@ def _bins(values: np.ndarray) -> np.ndarray:
 
 
 def _public(op: dict[str, Any]) -> dict[str, Any]:
-    """An op as ExecResult reports it (the tracer's node links and frame boxes dropped)."""
-    return {k: v for k, v in op.items() if k not in ("src", "dst", "input_box")}
+    """An op as ExecResult reports it: the tracer's node links, input-frame boxes and a resize's
+    own region dropped; a crop keeps the box the code passed in its own frame (``frame_box``)."""
+    out = {k: v for k, v in op.items() if k not in ("src", "dst", "input_box")}
+    if op["op"] not in ("crop", "pad"):
+        out.pop("box", None)
+    elif op["op"] == "crop" and "box" in op:
+        out.setdefault("frame_box", list(op["box"]))
+    return out
 
 
 def _chain_ops(pair: _Pair, chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -594,6 +600,8 @@ def _report_found(pair: _Pair, hints: list[dict[str, Any]], match: _Match) -> li
     ops = canonical_ops(match.to_input, *pair.result_size, *pair.input_size, tol=1e-4) or []
     for op in ops:
         op["via"] = "pixels"
+        if op["op"] == "crop":  # found in the input's own frame: the frame the code cropped is unknown
+            op["frame_box"] = list(op["box"])
     return _settle(pair, ops + _photometric_hints(hints), match)
 
 

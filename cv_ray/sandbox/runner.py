@@ -6,7 +6,7 @@ sees, the imports it may make, the captured ``print`` output, the result image, 
 that names the line of the model's own code and never a host path.
 
 ``CodeRunner.run`` returns ``(meta, image)`` where ``meta`` is the JSON-able dict the child sends
-to the parent (``ok``, ``error``, ``error_class``, ``stdout``, ``traced``).
+to the parent (``ok``, ``error``, ``error_class``, ``stdout``, ``traced``, ``tracer_errors``).
 """
 
 from __future__ import annotations
@@ -248,7 +248,8 @@ class CodeRunner:
         """Run ``code`` on ``image`` (the child's own copy) and describe the outcome."""
         code_lines = code.splitlines()
         stdout = CappedText(self._max_stdout_chars)
-        meta: dict[str, Any] = {"ok": False, "error": None, "error_class": None, "stdout": "", "traced": []}
+        meta: dict[str, Any] = {"ok": False, "error": None, "error_class": None, "stdout": "", "traced": [],
+                                "tracer_errors": 0}
         try:
             compiled = compile(code, CODE_FILENAME, "exec", dont_inherit=True)
         except (SyntaxError, ValueError) as exc:  # ValueError: NUL bytes in the source
@@ -275,6 +276,8 @@ class CodeRunner:
         finally:
             sys.stdout, sys.stderr = saved
         meta["stdout"] = stdout.getvalue()
+        if self._tracer is not None:
+            meta["tracer_errors"] = self._tracer.errors
         meta["ok"] = result is not None
         meta["error_class"], meta["error"] = error_class, error
         return meta, result

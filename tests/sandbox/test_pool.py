@@ -201,3 +201,33 @@ def test_ops_are_traced_and_verified_by_the_parent(pool, photo, code, ops, to_in
 def test_photometric_ops_have_no_geometric_map(pool, photo):
     r = pool.run("from PIL import ImageEnhance\nresult = ImageEnhance.Contrast(image).enhance(1.8)", [photo])
     assert r.ok and any(op["op"].startswith("contrast") for op in r.ops), r.ops
+
+
+def test_tracer_errors_are_reported_to_the_pool(pool, photo):
+    """The child counts traced calls whose bookkeeping failed; the parent adds them to its stats.
+
+    Mutant: the runner leaves ``tracer_errors`` out of its metadata (the count stays in the child).
+    """
+    before = pool.stats().get("tracer_errors", 0)
+    # ImageOps.crop takes a (left, top) border; the tracer's handler reads one width only and fails
+    r = pool.run("result = ImageOps.crop(image, (1, 2))", [photo])
+    assert r.ok, r.error
+    assert r.image.size == (photo.width - 2, photo.height - 4)  # the call itself ran
+    assert pool.stats().get("tracer_errors", 0) == before + 1
+
+
+def test_a_crop_reports_the_box_the_code_passed_in_its_own_frame(pool, photo):
+    """``frame_box``: a crop of a turned image keeps the box as passed, in the turned image's pixels,
+    while ``box`` is mapped to the call's input (the reward's reference mode scores the literal box).
+
+    Mutant: ``frame_box`` set from the input-frame box (the mapped one) instead of the hint's own.
+    """
+    # rotate_90 of the 256 x 192 photo gives 192 x 256; rotated pixel (x', y') shows input pixel
+    # (256 - y', x'), so the rotated frame's [10.4, 20, 60, 70] (PIL crops at x = 10) covers input
+    # x in [256 - 70, 256 - 20] = [186, 236] and y in [10, 60].
+    r = pool.run("result = image.rotate(90, expand=True).crop((10.4, 20, 60, 70))", [photo])
+    assert r.ok, r.error
+    crop = next(op for op in r.ops if op["op"] == "crop")
+    assert crop["frame_box"] == [10.4, 20, 60, 70]
+    assert crop["box"] == [186.0, 10.0, 236.0, 60.0]
+    assert [op["op"] for op in r.ops] == ["rotate_90", "crop"]

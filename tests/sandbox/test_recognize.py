@@ -146,7 +146,7 @@ def test_crop_of_a_rotated_view_without_hints(tracer):
     result, hints = execute(tracer, "result = np.rot90(np.array(img))[10:60, 20:100].copy()")
     assert hints == []
     ops, to_input = reconcile(PHOTO, result, [])
-    assert ops == [{"op": "crop", "box": [100, 20, 150, 100], "via": "pixels"}, {"op": "rotate_90", "via": "pixels"}]
+    assert ops == [{"op": "crop", "box": [100, 20, 150, 100], "frame_box": [100, 20, 150, 100], "via": "pixels"}, {"op": "rotate_90", "via": "pixels"}]
     assert apply(to_input, 0, 0) == (150, 20)   # result's top-left shows the box's top-right
     assert_exact_view(PHOTO, result, to_input)
 
@@ -164,7 +164,7 @@ def test_small_crop_of_a_text_image_is_found_without_hints(tracer):
     # a 30 x 14 patch of a mostly white document: the rare dark pixels locate it
     result, _ = execute(tracer, "result = np.array(image)[34:48, 60:90].copy()", image=TEXT)
     ops, to_input = reconcile(TEXT, result, [])
-    assert ops == [{"op": "crop", "box": [60, 34, 90, 48], "via": "pixels"}]
+    assert ops == [{"op": "crop", "box": [60, 34, 90, 48], "frame_box": [60, 34, 90, 48], "via": "pixels"}]
     assert_exact_view(TEXT, result, to_input)
 
 
@@ -269,7 +269,7 @@ def test_hints_the_pixels_contradict_are_rejected(tracer):
     # a crop with a wrong box: the true box comes from the pixels
     result, _ = execute(tracer, "result = img.crop((30, 20, 90, 70))")
     ops, _ = reconcile(PHOTO, result, [{"op": "crop", "box": [0, 0, 60, 50], "src": 0, "dst": 1}])
-    assert ops == [{"op": "crop", "box": [30, 20, 90, 70], "via": "pixels"}]
+    assert ops == [{"op": "crop", "box": [30, 20, 90, 70], "frame_box": [30, 20, 90, 70], "via": "pixels"}]
     # a turn claimed for a contrast change of the unturned square image: structure says identity
     result, _ = execute(tracer, "result = ImageEnhance.Contrast(image).enhance(1.7)", image=SQUARE)
     ops, to_input = reconcile(SQUARE, result, [{"op": "rotate_90", "src": 0, "dst": 1},
@@ -320,12 +320,12 @@ def test_ambiguous_crop_placement_is_flagged(tracer):
     flat = Image.new("RGB", (64, 48), (10, 200, 30))
     result, _ = execute(tracer, "result = np.array(img)[10:20, 5:25].copy()", image=flat)
     ops, to_input = reconcile(flat, result, [])
-    assert ops == [{"op": "crop", "box": [0, 0, 20, 10], "via": "pixels", "ambiguous": True}]
+    assert ops == [{"op": "crop", "box": [0, 0, 20, 10], "frame_box": [0, 0, 20, 10], "via": "pixels", "ambiguous": True}]
     assert to_input == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]   # the top-left placement
     # with the true hint, the traced box is kept
     result, hints = execute(tracer, "result = img.crop((5, 10, 25, 20))", image=flat)
     ops, _ = reconcile(flat, result, hints)
-    assert ops == [{"op": "crop", "box": [5, 10, 25, 20], "via": "Image.crop"}]
+    assert ops == [{"op": "crop", "box": [5, 10, 25, 20], "frame_box": [5, 10, 25, 20], "via": "Image.crop"}]
 
 
 def test_other_input_modes(tracer):
@@ -335,4 +335,4 @@ def test_other_input_modes(tracer):
     rgba = PHOTO.convert("RGBA")
     result, _ = execute(tracer, "result = image.crop((5, 6, 50, 60))", image=rgba)
     ops, _ = reconcile(rgba, result, [])
-    assert ops == [{"op": "crop", "box": [5, 6, 50, 60], "via": "pixels"}]
+    assert ops == [{"op": "crop", "box": [5, 6, 50, 60], "frame_box": [5, 6, 50, 60], "via": "pixels"}]
