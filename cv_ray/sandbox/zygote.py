@@ -67,6 +67,8 @@ GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 _SELF_TEST_TIMEOUT_S = 30.0
 #: Exit status of a child whose set-up failed before it was ready (hardening, warm-up).
 _SETUP_FAILED = 70
+#: The kernel's "task is exiting" flag in /proc/<pid>/stat.
+_PF_EXITING = 0x4
 _WARMUP_CODE = """
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 import numpy as np, cv2, math
@@ -110,6 +112,8 @@ class _Child:
     frozen: bool = False
     """Stopped with SIGSTOP between two calls of its session."""
     oom_kills_at_go: int | None = None
+    host_pid: int | None = None
+    """Its pid in the host's /proc (the zygote's /proc is the host's)."""
 
 
 def _warm_up_imports(python_guards: bool) -> Any:
@@ -287,8 +291,9 @@ class Zygote:
 
         pid, req_w, resp_r, ready_r, buffer_id, shm_fd = self._fork(self._serve)
         child = self.children[pid] = _Child(pid=pid, pidfd=os.pidfd_open(pid), ready_fd=ready_r)
+        child.host_pid = host_pid_of(child.pidfd)
         self.spare_pid = pid
-        self._send({"msg": "spare", "pid": pid, "host_pid": host_pid_of(child.pidfd), "buffer": buffer_id},
+        self._send({"msg": "spare", "pid": pid, "host_pid": child.host_pid, "buffer": buffer_id},
                    [req_w, resp_r, shm_fd])
 
     def _self_test(self) -> None:
@@ -396,8 +401,8 @@ class Zygote:
     def _kill(self, child: _Child, reason: str) -> None:
         if child.kill_reason is not None:
             return
-        if os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            return  # it ended on its own already: its exit status, not our kill, says what happened
+        if _ending(child):
+            return  # it is ending already: its exit status, not our kill, says what happened
         child.kill_reason = reason
         signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
 
@@ -472,6 +477,21 @@ class Zygote:
         finally:
             for child in self.children.values():
                 signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+
+
+def _ending(child: _Child) -> bool:
+    """Whether a child has exited or is exiting (PF_EXITING, or a SIGKILL already pending): a
+    child whose pipe the parent saw close because it was dying was not killed by us."""
+    if os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+        return True
+    try:
+        with open(f"/proc/{child.host_pid}/stat") as f:
+            flags = int(f.read().rsplit(")", 1)[1].split()[6])
+        with open(f"/proc/{child.host_pid}/status") as f:
+            pending = [int(line.split()[1], 16) for line in f if line.startswith(("ShdPnd:", "SigPnd:"))]
+    except FileNotFoundError:  # gone already
+        return True
+    return bool(flags & _PF_EXITING) or any(p & (1 << (signal.SIGKILL - 1)) for p in pending)
 
 
 def shared_buffer_bytes(max_pixels: int) -> int:

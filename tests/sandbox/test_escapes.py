@@ -133,29 +133,37 @@ def _printed(text: str) -> Callable[[Target, object, int], bool]:
     return lambda t, r, restarts: text in r.stdout
 
 
-def _victim_dead(t: Target, r, restarts: int) -> bool:
-    assert t.victim is not None
+def _dying(proc: subprocess.Popen) -> bool:
+    """Dead, exiting, or with a SIGKILL pending: every attack here sends its signal (or makes the
+    kernel send it, when the parent reads the reply) before ``pool.run`` returns. The one state
+    these cannot see, a SIGKILL just taken off the queue and the exit not yet begun, lasts a few
+    instructions; a short wait covers it."""
+    if proc.poll() is not None:
+        return True
     try:
-        t.victim.wait(timeout=5.0)  # a SIGKILL lands at once; the wait only lets us reap it
+        with open(f"/proc/{proc.pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        with open(f"/proc/{proc.pid}/stat") as f:
+            flags = int(f.read().rsplit(")", 1)[1].split()[6])
+    except FileNotFoundError:
+        return True
+    pending = int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
+    if status["State"].split()[0] in ("Z", "X") or flags & 0x4 or pending & (1 << (signal.SIGKILL - 1)):
+        return True  # 0x4: PF_EXITING
+    try:
+        proc.wait(timeout=1.0)
     except subprocess.TimeoutExpired:
         return False
     return True
 
 
+def _victim_dead(t: Target, r, restarts: int) -> bool:
+    assert t.victim is not None
+    return _dying(t.victim)
+
+
 def _zygote_killed(t: Target, r, restarts: int) -> bool:
-    """A zygote is dead, or has a SIGKILL pending (kill() returned in the child before it replied)."""
-    for proc in t.zygotes:
-        if proc.poll() is not None:
-            return True
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                status = dict(line.split(":", 1) for line in f if ":" in line)
-        except FileNotFoundError:
-            return True
-        pending = int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
-        if status["State"].split()[0] in ("Z", "X") or pending & (1 << (signal.SIGKILL - 1)):
-            return True
-    return False
+    return any(_dying(proc) for proc in t.zygotes)
 
 
 def _zygote_restarted(t: Target, r, restarts: int) -> bool:
@@ -194,15 +202,24 @@ _CHECK = 'def check(rc, what):\n    if rc < 0:\n        raise PermissionError(ct
 _ARM_SIGIO = """
 fcntl = Image.sys.modules["fcntl"]
 os = Image.os
+struct = Image.sys.modules["struct"]
 for fd in range(3, 16):
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError:
         continue
-    if flags & os.O_ACCMODE == os.O_WRONLY:  # our response pipe: the parent reads it after the call
+    if flags & os.O_ACCMODE == os.O_WRONLY:  # our response pipe
         fcntl.fcntl(fd, fcntl.F_SETOWN, {pid})
         fcntl.fcntl(fd, 10, 9)  # F_SETSIG: SIGKILL instead of SIGIO
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_ASYNC)
+        # A reply of our own, then stay alive (holding the armed pipe) until the parent has read it.
+        meta = b'{{"ok": false, "error": "armed", "error_class": "runtime"}}'
+        os.write(fd, struct.pack("<4sIIIIB", b"CVR1", len(meta), 0, 0, 0, 0) + meta)
+        for _ in range(10**8):
+            try:
+                os.kill({pid}, 0)
+            except OSError:
+                break
 result = image
 """
 
@@ -283,7 +300,7 @@ print("threaded")
     "kill_host_process": Attack("Image.os.kill({victim}, 9)", _victim_dead),
     # Class 1: the kernel sends a signal of the code's choosing to a pid of its choosing when the
     # parent reads the reply (O_ASYNC on the response pipe, owner and signal set by fcntl).
-    "sigio_kill_host_process": Attack(_ARM_SIGIO.format(pid="{victim}"), _victim_dead),
+    "sigio_kill_host_process": Attack(_ARM_SIGIO.replace("{pid}", "{victim}"), _victim_dead),
     "tcp_to_host": Attack("""
 sock = Image.sys.modules["socket"]
 s = sock.create_connection(("127.0.0.1", {port}), timeout=2)
@@ -307,21 +324,23 @@ buf = ctypes.create_string_buffer(256)
 check(libc.syscall(262, -100, b"/proc/{victim}", buf, 0x1000), "newfstatat")
 print("found")
 """, _printed("found")),
-    # The audit of the remaining syscalls: every one that can name another process by pid.
+    # The audit of the remaining syscalls: every one that can name another process by pid, tried on
+    # a host process (hidden by the pid namespace too) and on the zygote (visible: pid 1, the parent).
     "probe_other_process": Attack(_LIBC + """
 reached = []
-mask = ctypes.create_string_buffer(128)
-if libc.sched_getaffinity({victim}, 128, mask) == 0:
-    reached.append("sched_getaffinity")
-old = ctypes.create_string_buffer(16)
-if libc.syscall(302, {victim}, 0, None, old) == 0:
-    reached.append("prlimit64")
-ts = ctypes.create_string_buffer(16)
-if libc.syscall(228, (~{victim} << 3) | 2, ts) == 0:  # clock_gettime of its CPU clock
-    reached.append("clock_gettime")
-head, size = ctypes.c_void_p(), ctypes.c_size_t()
-if libc.syscall(274, {victim}, ctypes.byref(head), ctypes.byref(size)) == 0:
-    reached.append("get_robust_list")
+for pid in ({victim}, Image.os.getppid()):
+    mask = ctypes.create_string_buffer(128)
+    if libc.sched_getaffinity(pid, 128, mask) == 0:
+        reached.append(("sched_getaffinity", pid))
+    old = ctypes.create_string_buffer(16)
+    if libc.syscall(302, pid, 0, None, old) == 0:
+        reached.append(("prlimit64", pid))
+    ts = ctypes.create_string_buffer(16)
+    if libc.syscall(228, (~pid << 3) | 2, ts) == 0:  # clock_gettime of its CPU clock
+        reached.append(("clock_gettime", pid))
+    head, size = ctypes.c_void_p(), ctypes.c_size_t()
+    if libc.syscall(274, pid, ctypes.byref(head), ctypes.byref(size)) == 0:
+        reached.append(("get_robust_list", pid))
 if reached:
     print("reached", reached)
 else:
@@ -628,26 +647,28 @@ def test_closing_the_result_channel_is_the_codes_error(long_pools, photo, mode):
 
 
 def test_an_outside_sigkill_is_not_reported_as_memory(photo):
-    """Class 9: a child killed from outside (not by us, its CPU limit or the OOM killer) is an
+    """Class 9: a ready child killed from outside (not by us, its CPU limit or the OOM killer) is an
     infrastructure failure, retried once on a fresh zygote, never the model's ``memory`` error.
 
+    The child is a session's, ready since its first call; it is killed once its second call began.
     Mutant: classify_exit's old rule, SIGKILL with reason ``exited`` -> ``memory``.
     """
-    cfg = SandboxConfig(workers_per_executor=1, timeout_s=2.0, memory_mb=512)
+    cfg = SandboxConfig(workers_per_executor=1, timeout_s=2.0, memory_mb=512, session="trajectory")
     with SandboxPool(cfg) as small:
-        zygote = small._slots[0].zygote
+        assert small.run("result = image", [photo], session_id="s").ok
+        zygote, child = small._slots[0].zygote, small._slots[0].sessions["s"]
+        served = zygote.served
         results = []
-        call = threading.Thread(target=lambda: results.append(small.run("while True:\n    pass", [photo])))
+        call = threading.Thread(target=lambda: results.append(small.run("while True:\n    pass", [photo], session_id="s")))
         call.start()
         deadline = time.monotonic() + 30
-        while not zygote._tracked and time.monotonic() < deadline:  # the call has taken its child
+        while zygote.served == served and time.monotonic() < deadline:  # the second call has begun
             time.sleep(0.005)
-        (child,) = zygote._tracked.values()
         os.kill(child.host_pid, signal.SIGKILL)
         call.join(timeout=60)
         (r,) = results
-    assert r.error_class == "timeout"  # the retry, on a fresh zygote, ran into the deadline
-    assert small.stats().get("zygote_restarts", 0) == 1 and small.stats().get("memory", 0) == 0
+        assert r.error_class == "timeout"  # the retry, on a fresh zygote, ran into the deadline
+        assert small.stats().get("zygote_restarts", 0) == 1 and small.stats().get("memory", 0) == 0
 
 
 # -- resource bombs and state -----------------------------------------------------------------------
