@@ -82,7 +82,7 @@ def _fresh_call(code: str, image: Image.Image) -> None:
     fd = protocol.create_shared_buffer(16 << 20)
     mapping = protocol.map_shared_buffer(fd)
     shm = memoryview(mapping)
-    frame = protocol.encode_request(code, image, False, 0, shm)
+    frame = protocol.encode_request(code, image, False, shm)
     proc = subprocess.Popen([sys.executable, "-c", _FRESH_CHILD, str(fd)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, pass_fds=(fd,),
                             env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})

@@ -104,7 +104,11 @@ def classify_exit(report: dict[str, Any], timeout_s: float, memory_mb: int) -> t
 
 
 def _text(value: Any, limit: int) -> str:
-    return value[:limit] if isinstance(value, str) else ""
+    """A child's string, cut to ``limit`` and made valid Unicode (a lone surrogate, which JSON
+    allows and every UTF-8 encoder downstream refuses, becomes ``?``)."""
+    if not isinstance(value, str):
+        return ""
+    return value[:limit].encode("utf-8", "replace").decode("utf-8")
 
 
 @dataclasses.dataclass

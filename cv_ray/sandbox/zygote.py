@@ -17,9 +17,9 @@ Life of the zygote:
    layers to the parent (``hello``);
 4. serve: keep one *spare* child already forked and hardened, blocked on its request pipe, and
    hand its pipe ends to the parent over the control socket (SCM_RIGHTS). The parent writes the
-   request straight to the child and reads the response straight from it; the zygote arms the
-   wall-clock deadline (``go``), kills on expiry with SIGKILL, freezes (SIGSTOP) a session child
-   between its calls, reaps, and reports exits.
+   request straight to the child and reads the response straight from it (and, with its own
+   pidfd of the child, stops a session child between its calls); the zygote arms the wall-clock
+   deadline (``go``), kills on expiry with SIGKILL, reaps, and reports exits.
 
 A child tells the zygote it is *ready* (a byte on a pipe only the zygote reads) once it is
 hardened and warmed up, before it reads any code: an exit before that is an infrastructure
@@ -28,13 +28,13 @@ failure, an exit after it is the code's doing, whatever status the code chose.
 The zygote never runs model code and never reads a child's output. Control messages are small
 JSON objects on a SOCK_SEQPACKET socket that only the parent holds.
 
-Parent -> zygote: ``{"cmd": "go", "pid", "timeout_s"}``, ``{"cmd": "done", "pid", "freeze"}`` (a
-session child answered: clear its deadline, start its idle clock, stop it until its next ``go``),
-``{"cmd": "kill", "pid"}``, ``{"cmd": "recycle", "buffer"}`` with the buffer's memfd (its child is
+Parent -> zygote: ``{"cmd": "go", "pid", "timeout_s"}``, ``{"cmd": "done", "pid"}`` (a session
+child answered: clear its deadline, start its idle clock), ``{"cmd": "kill", "pid", "attribute"}``,
+``{"cmd": "recycle", "buffer"}`` with the buffer's memfd (its child is
 dead and the parent zeroed it: lend it to a later child), ``{"cmd": "quit"}``.
 Zygote -> parent: ``{"msg": "hello", "layers"}``, ``{"msg": "spare", "pid", "host_pid", "buffer"}``
-with three fds (request write end, response read end, the shared pixel buffer numbered
-``buffer``), ``{"msg": "exit", "pid", "reason", "code", "ready", "cpu_limit", "oom"}`` where reason
+with four fds (request write end, response read end, the shared pixel buffer numbered
+``buffer``, a pidfd of the child), ``{"msg": "exit", "pid", "reason", "code", "ready", "cpu_limit", "oom"}`` where reason
 is ``timeout``, ``idle``, ``killed`` (by the parent's ``kill`` while it ran) or ``exited``, code is
 the exit status (negative: signal), ``cpu_limit`` says it used up its CPU limit and ``oom`` that the
 kernel's OOM killer killed something while it ran.
@@ -109,9 +109,8 @@ class _Child:
     idle_deadline: float | None = None
     """When an idle session child is killed (monotonic seconds)."""
     kill_reason: str | None = None
-    frozen: bool = False
-    """Stopped with SIGSTOP between two calls of its session."""
-    oom_kills_at_go: int | None = None
+    oom_kills_at_start: int | None = None
+    """The host's OOM-kill count when it was forked."""
     host_pid: int | None = None
     """Its pid in the host's /proc (the zygote's /proc is the host's)."""
 
@@ -290,11 +289,14 @@ class Zygote:
         from cv_ray.sandbox.hardening import host_pid_of
 
         pid, req_w, resp_r, ready_r, buffer_id, shm_fd = self._fork(self._serve)
-        child = self.children[pid] = _Child(pid=pid, pidfd=os.pidfd_open(pid), ready_fd=ready_r)
+        child = self.children[pid] = _Child(pid=pid, pidfd=os.pidfd_open(pid), ready_fd=ready_r,
+                                            oom_kills_at_start=_oom_kills())
         child.host_pid = host_pid_of(child.pidfd)
         self.spare_pid = pid
+        # The parent gets a pidfd of its own: it stops and resumes a session child itself, with no
+        # round trip through this process on the call's path.
         self._send({"msg": "spare", "pid": pid, "host_pid": child.host_pid, "buffer": buffer_id},
-                   [req_w, resp_r, shm_fd])
+                   [req_w, resp_r, shm_fd, os.dup(child.pidfd)])
 
     def _self_test(self) -> None:
         """Fork one hardened child that checks each layer from the inside and runs a warm-up job;
@@ -378,30 +380,23 @@ class Zygote:
         if cmd == "go" and child is not None:
             child.deadline = time.monotonic() + float(message["timeout_s"])
             child.idle_deadline = None
-            child.oom_kills_at_go = _oom_kills()
-            if child.frozen:
-                signal.pidfd_send_signal(child.pidfd, signal.SIGCONT)
-                child.frozen = False
             if pid == self.spare_pid:
                 self._make_spare()
-        elif cmd == "done" and child is not None:
+        elif cmd == "done" and child is not None:  # (the parent has stopped the child already)
             child.deadline = None
             child.idle_deadline = time.monotonic() + self.settings.session_idle_s
-            if message.get("freeze") and not child.frozen:
-                # Between its calls a session child gets no CPU at all: whatever the code left
-                # running after its reply (a forged reply, then a loop) waits for the next call,
-                # whose deadline bounds it again.
-                signal.pidfd_send_signal(child.pidfd, signal.SIGSTOP)
-                child.frozen = True
         elif cmd == "kill" and child is not None:
-            self._kill(child, "killed")
+            self._kill(child, "killed", attribute=bool(message.get("attribute")))
         elif cmd == "quit":
             raise SystemExit(0)
 
-    def _kill(self, child: _Child, reason: str) -> None:
+    def _kill(self, child: _Child, reason: str, attribute: bool = True) -> None:
+        """SIGKILL a child. ``attribute``: its exit report will say it was our kill only if it was
+        not ending already (the parent asks for this when the report decides the call's error;
+        a released child's report decides nothing)."""
         if child.kill_reason is not None:
             return
-        if _ending(child):
+        if attribute and _ending(child):
             return  # it is ending already: its exit status, not our kill, says what happened
         child.kill_reason = reason
         signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
@@ -426,9 +421,11 @@ class Zygote:
         del self.children[child.pid]
         if child.pid == self.spare_pid:
             self.spare_pid = None
-        oom_now = _oom_kills()
-        oom = child.oom_kills_at_go is not None and oom_now is not None and oom_now > child.oom_kills_at_go
         code = os.waitstatus_to_exitcode(status)
+        oom = False
+        if code == -signal.SIGKILL and child.kill_reason is None and child.oom_kills_at_start is not None:
+            now = _oom_kills()  # only a SIGKILL not ours needs an explanation
+            oom = now is not None and now > child.oom_kills_at_start
         # A kill only explains a death by SIGKILL: a child that ended on its own while (or just
         # before) we killed it reports its own status.
         reason = child.kill_reason if child.kill_reason is not None and code == -signal.SIGKILL else "exited"

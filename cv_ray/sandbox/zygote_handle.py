@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -62,11 +63,22 @@ class SharedBuffer:
 class ChildHandle:
     """The parent's ends of one child: its request and response pipes and the buffer it was lent."""
 
-    def __init__(self, pid: int, host_pid: int, req_w: int, resp_r: int, buffer: SharedBuffer):
+    def __init__(self, pid: int, host_pid: int, req_w: int, resp_r: int, pidfd: int, buffer: SharedBuffer):
         self.pid, self.host_pid, self.req_w, self.resp_r, self.buffer = pid, host_pid, req_w, resp_r, buffer
         """``pid``: in the zygote's pid namespace (what the zygote's messages use); ``host_pid``: the
         same process in this process's namespace (diagnostics and tests)."""
+        self.pidfd = pidfd
+        """Signals this very process (never another that reused its pid)."""
+        self.stopped = False
+        """A session child stopped (SIGSTOP) between two of its calls."""
         self.closed = False
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the child; a child already gone is no error (its call reports how it ended)."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            pass
 
     @property
     def shm(self) -> memoryview:
@@ -75,7 +87,7 @@ class ChildHandle:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            for fd in (self.req_w, self.resp_r):
+            for fd in (self.req_w, self.resp_r, self.pidfd):
                 os.close(fd)
 
 
@@ -145,19 +157,19 @@ class ZygoteProcess:
         """Handle one control message; False when none came within ``timeout`` (0: poll)."""
         if not select.select([self.sock], [], [], timeout)[0]:
             return False
-        data, fds, _, _ = socket.recv_fds(self.sock, 65536, 3, socket.MSG_CMSG_CLOEXEC)
+        data, fds, _, _ = socket.recv_fds(self.sock, 65536, 4, socket.MSG_CMSG_CLOEXEC)
         if not data:
             raise ZygoteError(f"the sandbox zygote exited (status {self.proc.poll()})")
         message = json.loads(data)
         kind = message["msg"]
         if kind == "spare":
-            req_w, resp_r, shm_fd = fds
+            req_w, resp_r, shm_fd, pidfd = fds
             buffer = self._buffers.get(message["buffer"])
             if buffer is None:
                 buffer = self._buffers[message["buffer"]] = SharedBuffer(message["buffer"], shm_fd)
             else:  # a buffer we lent before: its mapping is kept
                 os.close(shm_fd)
-            self._spares.append(ChildHandle(message["pid"], message["host_pid"], req_w, resp_r, buffer))
+            self._spares.append(ChildHandle(message["pid"], message["host_pid"], req_w, resp_r, pidfd, buffer))
         elif kind == "exit":
             pid = message["pid"]
             if pid in self._tracked:
@@ -275,6 +287,9 @@ class ZygoteProcess:
         """
         frame = protocol.encode_request(code, image, keep_alive, child.shm)
         self._send({"cmd": "go", "pid": child.pid, "timeout_s": timeout_s})
+        if child.stopped:
+            child.signal(signal.SIGCONT)
+            child.stopped = False
         self.served += 1
         try:
             protocol.write_frame(child.req_w, frame)
@@ -289,9 +304,15 @@ class ZygoteProcess:
             return Outcome(protocol_error=str(exc))
         if response is not None:
             if keep_alive:
-                self._send({"cmd": "done", "pid": child.pid, "freeze": guards})
+                if guards:
+                    # Between its calls a session child gets no CPU at all: whatever the code left
+                    # running after its reply (a forged reply, then a loop) waits for the next
+                    # call, whose deadline bounds it again.
+                    child.signal(signal.SIGSTOP)
+                    child.stopped = True
+                self._send({"cmd": "done", "pid": child.pid})
             return Outcome(response=response)
         if guards:  # the call is over without a reply: whatever still runs in the child ends now
-            self._send({"cmd": "kill", "pid": child.pid})
+            self._send({"cmd": "kill", "pid": child.pid, "attribute": True})
         self._receive_until(lambda: child.pid in self._exits, DEADLINE_GRACE_S, "exit report")
         return Outcome(exit=self._exits[child.pid])

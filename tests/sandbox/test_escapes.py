@@ -584,7 +584,7 @@ def test_a_session_child_gets_no_cpu_between_its_calls(long_pools, photo, mode):
     """Class 4 (session mode): after a forged reply the code keeps running, its deadline cleared;
     the parent stops the child (SIGSTOP) until its next call, whose deadline bounds it again.
 
-    Mutant: the zygote's ``done`` handler without the SIGSTOP.
+    Mutant: ``ZygoteProcess.execute`` without the SIGSTOP after a session reply.
     """
     pool = long_pools["trajectory", mode]
     r = pool.run(_FORGE.format(meta=_FORGED_ERROR, then=_SPIN), [photo], session_id="spinner")
@@ -593,7 +593,7 @@ def test_a_session_child_gets_no_cpu_between_its_calls(long_pools, photo, mode):
     if mode == "control":
         assert _state(child.host_pid) == "R"
     else:
-        assert _wait_state(child.host_pid, "T") == "T"  # stopped: the zygote handles `done` after the reply
+        assert _wait_state(child.host_pid, "T") == "T"  # SIGSTOP sent before run() returned; it lands at once
     pool.close_session("spinner")
 
 

@@ -295,3 +295,16 @@ def test_a_crafted_pair_of_calls_is_verified_within_its_budget(pool):
     second = pool.run("b = np.zeros((100, 100), np.uint8)\nb[45, 45] = 7\nresult = b", [first.image])
     assert second.ok and second.ops == [] and second.to_input is None
     assert pool.stats().get("unverified_budget", 0) == before + 1
+
+
+def test_text_from_the_child_is_valid_unicode(pool, photo):
+    """A lone surrogate printed (or forged) by the code crosses JSON but no UTF-8 encoder: the
+    rollout's tokenizer would raise on it downstream. The pool hands on valid text only.
+
+    Mutant: ``_text`` returning the child's string as is.
+    """
+    r = pool.run("print('a\\ud800b')\nraise ValueError('c\\udfffd')", [photo])
+    assert r.error_class == "runtime"
+    for text in (r.stdout, r.error):
+        text.encode("utf-8")  # raises on a lone surrogate
+    assert r.stdout == "a?b\n" and "c?d" in r.error
