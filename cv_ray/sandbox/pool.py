@@ -18,8 +18,8 @@ and turns the child's traced ops into verified ops with ``cv_ray.sandbox.recogni
 
 ``session="trajectory"`` keeps one child per ``session_id`` so variables survive between the
 calls of a trajectory (other trajectories never see them); between its calls the child is stopped
-(SIGSTOP: it gets no CPU); ``close_session`` ends it, and idle sessions end after ``session_idle_s``. With the default ``session="call"`` every call gets a
-fresh child and ``session_id`` is ignored.
+(SIGSTOP: it gets no CPU); ``close_session`` ends it, and idle sessions end after ``session_idle_s``.
+With the default ``session="call"`` every call gets a fresh child and ``session_id`` is ignored.
 """
 
 from __future__ import annotations

@@ -284,14 +284,22 @@ def meta_bytes_cap(max_stdout_chars: int) -> int:
 
 #: A JSON string literal (escapes included); removed before the nesting depth is measured.
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_OPENING = frozenset(b"[{")
 
 
 def _json_depth(raw: bytes) -> int:
-    """Deepest nesting of ``[`` / ``{`` outside string literals (linear time, no recursion)."""
-    structure = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
-    step = (np.isin(structure, (ord("["), ord("{"))).astype(np.int32)
-            - np.isin(structure, (ord("]"), ord("}"))).astype(np.int32))
-    return int(np.cumsum(step).max(initial=0))
+    """Deepest nesting of ``[`` / ``{`` outside string literals, or the first depth past
+    ``MAX_META_DEPTH`` (linear time, no recursion; an attack stops at its ninth bracket)."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for code in brackets:
+        depth += 1 if code in _OPENING else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > MAX_META_DEPTH:
+                break
+    return deepest
 
 
 def _number(text: str, convert: Any) -> Any:
