@@ -210,7 +210,7 @@ def stage_data(ctx: RunContext) -> dict[str, Any]:
     if manifest_path.exists():
         log.info("data: %s already built (delete it to rebuild)", ctx.data_dir)
         return {"dir": str(ctx.data_dir), "reused": True}
-    with SandboxPool.from_config(ctx.cfg.sandbox) as pool:
+    with SandboxPool(ctx.cfg.sandbox) as pool:
         manifest = build_dataset(ctx.cfg.data, ctx.data_dir, pool, sandbox_threads=ctx.cfg.sandbox.workers_per_executor,
                                  system_prompt=ctx.cfg.rollout.system_prompt or SYSTEM_PROMPT)
     return {"dir": str(ctx.data_dir), "counts": manifest.get("counts", {})}

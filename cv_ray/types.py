@@ -80,8 +80,14 @@ class ExecResult:
     ``sandbox`` (an infrastructure failure, not the model's fault)."""
     ops: list[dict[str, Any]] = field(default_factory=list)
     """Ops actually applied, in order, e.g. ``{"op": "rotate_90"}``,
-    ``{"op": "crop", "box": [x1, y1, x2, y2]}`` (input-image pixels),
-    ``{"op": "contrast_up", "factor": 1.8}``."""
+    ``{"op": "crop", "box": [x1, y1, x2, y2], "frame_box": [...]}``, ``{"op": "contrast_up", "factor": 1.8}``.
+
+    Every ``crop`` carries two boxes: ``box`` in the pixels of the call's input image, and
+    ``frame_box``, the box exactly as the code passed it (before PIL rounds it), in the pixels of
+    the image the crop was applied to inside the call (e.g. after a ``rotate`` in the same call),
+    not mapped to the input. For a crop recognised from pixels alone (``"via": "pixels"``) the
+    code's own frame is unknown and ``frame_box`` equals ``box``. Ops the sandbox could not check
+    against the pixels carry ``"unverified": True``; see ``docs/sandbox_ops.md``."""
     to_input: Matrix3 | None = None
     """Maps result pixels to input pixels when the result is a geometric view of the input
     (90-degree turns, flips, crops, resizes and their compositions); else None."""

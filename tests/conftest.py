@@ -99,7 +99,8 @@ def sandbox_tools():
     """The real sandbox (a local SandboxPool of 2 warm workers) behind the agent loop's ToolRunner interface."""
     from cv_ray.agent.tool_runner import LocalToolRunner
     from cv_ray.sandbox import SandboxPool
+    from cv_ray.sandbox.config import SandboxConfig
 
-    with SandboxPool(workers=2, timeout_s=10.0) as pool:
+    with SandboxPool(SandboxConfig(workers_per_executor=2, timeout_s=10.0)) as pool:
         yield LocalToolRunner(pool)
 

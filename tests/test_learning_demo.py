@@ -37,9 +37,10 @@ def test_demo_tasks_need_the_rotation_and_answer_the_upright_top_left_colour():
 def test_demo_trajectories_run_the_fix_in_the_sandbox_and_crop_the_answer_box():
     from cv_ray.data.trajectories import verify_example
     from cv_ray.geometry import iou
+    from cv_ray.sandbox.config import SandboxConfig
     from cv_ray.sandbox.pool import SandboxPool
 
-    with SandboxPool(workers=1, timeout_s=5.0, memory_mb=1024) as pool:
+    with SandboxPool(SandboxConfig(workers_per_executor=1, timeout_s=5.0, memory_mb=1024)) as pool:
         for i in range(6):
             task = generate_demo_task(0, i, 112, "sft")
             example = generate_demo_example(task, pool, SYSTEM_PROMPT)

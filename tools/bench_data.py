@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--json", type=str, default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
+    from cv_ray.sandbox.config import SandboxConfig
     from cv_ray.sandbox.pool import SandboxPool
 
     cfg = DataConfig(seed=args.seed, num_rl_tasks=args.rl, num_val_tasks=args.val, num_sft_trajectories=args.sft,
@@ -48,7 +49,7 @@ def main() -> None:
         out = Path(args.out) if args.out else Path(tmp)
         total_start = time.perf_counter()
         start = time.perf_counter()
-        with SandboxPool(workers=args.workers, timeout_s=5.0, memory_mb=1024) as pool:
+        with SandboxPool(SandboxConfig(workers_per_executor=args.workers, timeout_s=5.0, memory_mb=1024)) as pool:
             startup = time.perf_counter() - start
             manifest = build_dataset(cfg, out, pool, sandbox_threads=args.workers)
         total = time.perf_counter() - total_start

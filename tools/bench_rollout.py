@@ -44,6 +44,7 @@ from cv_ray.rollout.hf_engine import HFEngine
 from cv_ray.rollout.metrics import batch_metrics
 from cv_ray.rollout.scripted_engine import ScriptedEngine
 from cv_ray.sandbox import SandboxPool
+from cv_ray.sandbox.config import SandboxConfig
 from cv_ray.types import ExecResult, Task
 
 SCRIPT = [
@@ -122,7 +123,7 @@ def main() -> None:
     tasks = make_tasks(args.trajectories, args.image_size)
     latency = args.ms_per_token / 1000.0
 
-    with SandboxPool(workers=args.workers, timeout_s=10.0) as pool:
+    with SandboxPool(SandboxConfig(workers_per_executor=args.workers, timeout_s=10.0)) as pool:
         sandbox = LocalToolRunner(pool)
         timed_batch(ScriptedEngine(codec, SCRIPT), codec, sandbox, cfg, tasks[:2])  # warm-up
         generation_only, _ = timed_batch(ScriptedEngine(codec, SCRIPT, latency), codec, InstantTools(), cfg, tasks)

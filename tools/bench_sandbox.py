@@ -7,7 +7,7 @@ Run (about 2-3 minutes on a 2-core machine; run it when the machine is otherwise
 Modes, on the same machine with the same inputs:
   a_unsafe   ``exec`` in a reused process (the reference's design; N workers = N threads)
   b_sandbox  SandboxPool, a fresh hardened child per call (N workers = N zygotes)
-  c_session  SandboxPool(session="trajectory"): each client thread keeps one session for all calls
+  c_session  SandboxPool with session="trajectory": each client thread keeps one session for all calls
   d_fresh    a fresh ``python`` per call (SandboxFusion-style), same byte protocol
 
 Workloads: ``noop`` (``result = image`` on a 64x64 image: pure round-trip overhead),
@@ -23,6 +23,7 @@ for generation) is reported for the no-op. The JSON holds, per mode, workload an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from cv_ray.sandbox import SandboxPool, protocol
+from cv_ray.sandbox.config import SandboxConfig
 
 WORKLOADS = {
     "noop": "result = image",
@@ -80,7 +82,7 @@ def _fresh_call(code: str, image: Image.Image) -> None:
     fd = protocol.create_shared_buffer(16 << 20)
     mapping = protocol.map_shared_buffer(fd)
     shm = memoryview(mapping)
-    frame = protocol.encode_request(code, image, False, 0, shm)
+    frame = protocol.encode_request(code, image, False, shm)
     proc = subprocess.Popen([sys.executable, "-c", _FRESH_CHILD, str(fd)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, pass_fds=(fd,),
                             env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
@@ -129,8 +131,8 @@ def run(seconds: float) -> dict:
     images = _images()
     results: dict[str, dict] = {}
     for workers in (1, 2):
-        pools = {"b_sandbox": SandboxPool(workers=workers, timeout_s=10.0, memory_mb=1024),
-                 "c_session": SandboxPool(workers=workers, timeout_s=10.0, memory_mb=1024, session="trajectory")}
+        cfg = SandboxConfig(workers_per_executor=workers, timeout_s=10.0, memory_mb=1024)
+        pools = {"b_sandbox": SandboxPool(cfg), "c_session": SandboxPool(dataclasses.replace(cfg, session="trajectory"))}
         try:
             for name, workload in WORKLOADS.items():
                 image = images[name]

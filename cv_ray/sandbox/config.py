@@ -37,6 +37,9 @@ class SandboxConfig:
     """Restart a worker's zygote after this many calls (when it holds no live session)."""
     actor_retries: int = 2
     """SandboxGroup: how many times a call whose executor actor died is retried on another actor."""
+    verify_budget_s: float = 2.0
+    """Wall-clock budget of the parent's check of one call's ops against its pixels (beside a work
+    budget proportional to the images' size); past it the call's ops are reported unverified."""
 
     def validate(self, prefix: str = "sandbox") -> None:
         require_at_least(self, prefix, "num_executors", 1)
@@ -54,6 +57,8 @@ class SandboxConfig:
             raise ConfigError(f"{prefix}.max_sessions_per_worker", f"got {self.max_sessions_per_worker}",
                               "use at least 1")
         require_at_least(self, prefix, "recycle_after", 1)
+        if self.verify_budget_s <= 0:
+            raise ConfigError(f"{prefix}.verify_budget_s", f"got {self.verify_budget_s}", "use a positive number of seconds")
         if self.actor_retries < 0:
             raise ConfigError(f"{prefix}.actor_retries", f"got {self.actor_retries}", "use 0 or more")
         if self.max_output_pixels < 1:

@@ -46,7 +46,7 @@ class SandboxExecutor:
     """A Ray actor owning one SandboxPool (``cfg.workers_per_executor`` zygotes)."""
 
     def __init__(self, cfg: SandboxConfig):
-        self.pool = SandboxPool.from_config(cfg)
+        self.pool = SandboxPool(cfg)
 
     def run(self, code: str, images: list[Image.Image], image_index: int = 0,
             session_id: str | None = None) -> ExecResult:

@@ -7,6 +7,10 @@ they say what went wrong and, where useful, how to fix it.
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+
 ERROR_CLASSES = frozenset({
     "syntax", "runtime", "timeout", "memory", "forbidden", "import", "no_result", "bad_result",
     "bad_image", "image_index", "code_too_long", "sandbox",
@@ -61,3 +65,26 @@ def image_size_problem(width: int, height: int, max_pixels: int) -> str | None:
     if width * height > max_pixels:
         return f"the result image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
     return None
+
+
+def _host_roots() -> list[str]:
+    """Directories whose paths the model must not see: the Python installation, the virtualenv,
+    every directory modules are imported from (``sys.path``), and the checkout cv_ray is imported
+    from; each as named and as resolved (any of them may be a symlink)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, package_root,
+             *(p for p in sys.path if os.path.isabs(p))}
+    roots |= {os.path.realpath(r) for r in roots}
+    return sorted((r for r in roots if r and r != "/"), key=len, reverse=True)
+
+
+#: Any absolute path under one of the host roots (computed at import: the zygote scrubs ``sys``
+#: afterwards, see ``runner.hide_host_paths``).
+HOST_PATH = re.compile("(?:" + "|".join(re.escape(r) for r in _host_roots()) + r")(?:/[^\s'\"]*|(?=[\s'\"]|$))")
+HOST_PATH_PLACEHOLDER = "<lib>"
+
+
+def redact_host_paths(text: str) -> str:
+    """``text`` with every host path replaced by ``<lib>`` (the parent applies it to everything
+    the model reads: a child can print whatever paths it finds)."""
+    return HOST_PATH.sub(HOST_PATH_PLACEHOLDER, text)

@@ -307,6 +307,7 @@ def _ident(value: Any) -> str | None:
 _PARAMS: dict[str, Callable[[Any], Any]] = {
     "box": _box,
     "input_box": _box,
+    "frame_box": _box,
     "size": _size,
     "factor": lambda v: _number(v, -1e4, 1e4),
     "angle": lambda v: _number(v, -1e6, 1e6),

@@ -3,19 +3,23 @@
 Usage::
 
     from cv_ray.sandbox import SandboxPool
-    with SandboxPool(workers=2, timeout_s=5.0, memory_mb=1024) as pool:
+    from cv_ray.sandbox.config import SandboxConfig
+
+    with SandboxPool(SandboxConfig(workers_per_executor=2, timeout_s=5.0)) as pool:
         r = pool.run(code, images=[img0, img1], image_index=0)
         # r.ok, r.image, r.error, r.error_class, r.ops, r.to_input, r.stdout, r.seconds
 
 Each worker is a warm zygote process (see :mod:`cv_ray.sandbox.zygote`) that keeps one hardened
 child ready; a call takes that child, sends it the code and the image, and reads back the result.
-This process is the trusted side: it validates every byte a child sends, checks the result image,
-and turns the child's traced ops into verified ops with ``cv_ray.sandbox.recognize.reconcile``.
+This process is the trusted side: it validates every byte a child sends (and kills a child whose
+reply is malformed), kills every call's child as soon as the call is over, checks the result image,
+and turns the child's traced ops into verified ops with ``cv_ray.sandbox.recognize.reconcile``
+(within a time and work budget, after the worker is free for the next call).
 
 ``session="trajectory"`` keeps one child per ``session_id`` so variables survive between the
-calls of a trajectory (other trajectories never see them); ``close_session`` ends it, and idle
-sessions end after ``session_idle_s``. With the default ``session="call"`` every call gets a
-fresh child and ``session_id`` is ignored.
+calls of a trajectory (other trajectories never see them); between its calls the child is stopped
+(SIGSTOP: it gets no CPU); ``close_session`` ends it, and idle sessions end after ``session_idle_s``.
+With the default ``session="call"`` every call gets a fresh child and ``session_id`` is ignored.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from PIL import Image
 
 from cv_ray.sandbox import messages, protocol
 from cv_ray.sandbox.config import SandboxConfig
-from cv_ray.sandbox.recognize import reconcile
+from cv_ray.sandbox.protections import Protections
+from cv_ray.sandbox.recognize import VerificationBudget, reconcile, unverified
 from cv_ray.sandbox.zygote_handle import ChildHandle, Outcome, ZygoteError, ZygoteProcess
 from cv_ray.types import ExecResult
 
@@ -43,9 +48,9 @@ _CHILD_ERROR_CLASSES = frozenset({"syntax", "runtime", "memory", "forbidden", "i
                                   "bad_result", "bad_image"})
 _CRASH_SIGNALS = {signal.SIGSEGV: "SIGSEGV", signal.SIGBUS: "SIGBUS", signal.SIGABRT: "SIGABRT",
                   signal.SIGILL: "SIGILL", signal.SIGFPE: "SIGFPE", signal.SIGSYS: "SIGSYS"}
-#: Exit statuses the child uses for its own failures (hardening failed, broken request pipe).
-_INFRA_EXIT_CODES = frozenset({70, 71})
 _MAX_ERROR_CHARS = 4000
+#: Most tracer errors one call may add to the pool's count (the child's number is not trusted).
+_MAX_TRACER_ERRORS = 1000
 
 
 class SandboxUnavailable(RuntimeError):
@@ -69,26 +74,41 @@ def check_request(code: str, images: list[Image.Image], image_index: Any, max_co
     return None
 
 
-def classify_exit(reason: str | None, code: int | None, timeout_s: float, memory_mb: int) -> tuple[str, str]:
-    """``(error_class, text)`` for a child that ended without a response.
+def classify_exit(report: dict[str, Any], timeout_s: float, memory_mb: int) -> tuple[str, str]:
+    """``(error_class, text)`` for a child that ended without a response, from the zygote's exit report.
 
-    ``reason`` comes from the zygote (``timeout`` when it killed the child at its deadline), ``code``
-    is the exit status (negative: the signal that killed it).
+    Only what happened *after* the child was ready can be the code's doing; before that, and for
+    causes outside the child (a SIGKILL that was not the OOM killer's, nor ours), the failure is
+    the infrastructure's (``sandbox``, retried once on a fresh zygote). Nothing the code can do
+    produces a ``sandbox`` verdict: it runs only once the child is ready, and it can neither
+    send a signal nor choose the zygote's report.
     """
-    if reason == "timeout" or code == -signal.SIGXCPU:
+    reason, code = report.get("reason"), report.get("code")
+    if not report.get("ready"):
+        return "sandbox", messages.sandbox_error()
+    if reason == "timeout" or report.get("cpu_limit") or code == -signal.SIGXCPU:
         return "timeout", messages.timeout_error(timeout_s)
-    if code == -signal.SIGKILL and reason == "exited":  # killed by the kernel, not by us: the OOM killer
-        return "memory", messages.memory_error(memory_mb)
-    if code is not None and -code in _CRASH_SIGNALS:
+    if reason == "killed":  # by the parent: the child closed its result channel and went on running
+        return "runtime", "the code closed the tool's result channel before leaving a result"
+    if reason == "idle":  # a session child that ended idle before this call reached it
+        return "sandbox", messages.sandbox_error()
+    if code == -signal.SIGKILL:  # not by us, not by its CPU limit: the OOM killer, or someone outside
+        return ("memory", messages.memory_error(memory_mb)) if report.get("oom") else \
+            ("sandbox", messages.sandbox_error())
+    if isinstance(code, int) and -code in _CRASH_SIGNALS:
         return "runtime", (f"the code crashed the Python interpreter ({_CRASH_SIGNALS[-code]}); "
                            "it may have run out of memory or misused a low-level library")
-    if reason == "exited" and code is not None and code not in _INFRA_EXIT_CODES:
+    if isinstance(code, int):
         return "runtime", f"the code ended the process (exit status {code}) before leaving a result"
     return "sandbox", messages.sandbox_error()
 
 
 def _text(value: Any, limit: int) -> str:
-    return value[:limit] if isinstance(value, str) else ""
+    """A child's string, cut to ``limit`` and made valid Unicode (a lone surrogate, which JSON
+    allows and every UTF-8 encoder downstream refuses, becomes ``?``)."""
+    if not isinstance(value, str):
+        return ""
+    return value[:limit].encode("utf-8", "replace").decode("utf-8")
 
 
 @dataclasses.dataclass
@@ -103,24 +123,30 @@ class _Slot:
 
 
 class SandboxPool:
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 1024, **options: Any):
-        """Start ``workers`` zygotes. ``options``: any other :class:`SandboxConfig` field
-        (``session``, ``max_code_chars``, ``max_output_pixels``, ``allow_degraded``, ...).
+    def __init__(self, cfg: SandboxConfig, *, _protections: Protections | None = None):
+        """Start ``cfg.workers_per_executor`` zygotes with the limits of ``cfg`` (validated here).
 
-        Raises SandboxUnavailable when an isolation layer is missing and ``allow_degraded`` is off.
+        Tests and tools override a few fields: ``SandboxPool(SandboxConfig(workers_per_executor=1,
+        timeout_s=2.0))``. Raises SandboxUnavailable when an isolation layer is missing and
+        ``cfg.allow_degraded`` is off. ``_protections``: the escape suite's control runs only
+        (``cv_ray.sandbox.protections``); no configuration reaches it.
         """
-        cfg = SandboxConfig(workers_per_executor=workers, timeout_s=timeout_s, memory_mb=memory_mb, **options)
         cfg.validate()
         self.cfg = cfg
+        self.protections = _protections or Protections()
+        self._meta_cap = protocol.meta_bytes_cap(cfg.max_stdout_chars)
         self._cond = threading.Condition()
         self._slots = [_Slot(index=i) for i in range(cfg.workers_per_executor)]
         self._session_slot: dict[str, _Slot] = {}
         self._closed = False
         self.counts: collections.Counter[str] = collections.Counter()
-        """Calls by outcome (``ok`` or the error class) and ``zygote_restarts``."""
+        """Calls by outcome (``ok`` or the error class); ``zygote_restarts``; ``tracer_errors``
+        (traced library calls whose bookkeeping failed in the child: ops the trace missed);
+        ``unverified_budget`` (results whose verification ran out of its budget) and
+        ``verify_errors`` (verification that failed on a child's data)."""
         self.layers: dict[str, dict[str, Any]] = {}
         """The isolation layers the zygotes reported at start-up: ``{name: {"ok", "detail"}}``."""
-        zygotes = [ZygoteProcess(self._zygote_settings()) for _ in self._slots]
+        zygotes = [self._new_zygote() for _ in self._slots]
         try:
             for slot, zygote in zip(self._slots, zygotes):
                 slot.zygote = zygote
@@ -130,12 +156,6 @@ class SandboxPool:
                 zygote.close()
             raise
 
-    @classmethod
-    def from_config(cls, cfg: SandboxConfig) -> SandboxPool:
-        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-        fields.pop("workers_per_executor")
-        return cls(workers=cfg.workers_per_executor, **fields)
-
     def __enter__(self) -> SandboxPool:
         return self
 
@@ -144,19 +164,23 @@ class SandboxPool:
 
     # ----- start-up -----------------------------------------------------------------------------
 
-    def _zygote_settings(self) -> dict[str, Any]:
+    def _new_zygote(self) -> ZygoteProcess:
         cfg = self.cfg
-        return {"memory_mb": cfg.memory_mb, "timeout_s": cfg.timeout_s, "max_output_pixels": cfg.max_output_pixels,
-                "max_stdout_chars": cfg.max_stdout_chars, "session_idle_s": cfg.session_idle_s}
+        settings = {"memory_mb": cfg.memory_mb, "timeout_s": cfg.timeout_s, "max_output_pixels": cfg.max_output_pixels,
+                    "max_stdout_chars": cfg.max_stdout_chars, "session_idle_s": cfg.session_idle_s,
+                    **self.protections.zygote_settings()}
+        return ZygoteProcess(settings, inherit_environment=not self.protections.clean_environment)
 
     def _check_layers(self, layers: dict[str, dict[str, Any]]) -> None:
         missing = [f"{name} ({info.get('detail')})" for name, info in sorted(layers.items()) if not info.get("ok")]
-        if missing and not self.cfg.allow_degraded:
+        if not self.protections.all_on:
+            log.warning("sandbox CONTROL RUN with protections off (%s): not for untrusted code", self.protections)
+        elif missing and not self.cfg.allow_degraded:
             raise SandboxUnavailable(
                 "sandbox isolation layers missing on this host: " + "; ".join(missing)
                 + ". Fix the host (see docs/sandbox.md), or accept weaker isolation explicitly with "
-                  "sandbox.allow_degraded=true (SandboxPool(..., allow_degraded=True))")
-        if missing and not self.layers:
+                  "sandbox.allow_degraded=true (SandboxConfig(allow_degraded=True))")
+        elif missing and not self.layers:
             log.warning("sandbox running DEGRADED (allow_degraded=true); missing: %s", "; ".join(missing))
         self.layers = layers
 
@@ -187,10 +211,11 @@ class SandboxPool:
             slot.last_used = time.monotonic()
             self._cond.notify_all()
 
-    def _forget_session(self, slot: _Slot, session_id: str, kill: bool) -> None:
+    def _forget_session(self, slot: _Slot, session_id: str) -> None:
+        """End a session: its child is killed and forgotten."""
         child = slot.sessions.pop(session_id)
         if slot.zygote is not None:
-            slot.zygote.release(child, kill=kill)
+            slot.zygote.release(child)
         with self._cond:
             if self._session_slot.get(session_id) is slot:
                 del self._session_slot[session_id]
@@ -207,36 +232,43 @@ class SandboxPool:
             session = session_id if self.cfg.session == "trajectory" and session_id is not None else None
             slot = self._acquire(session)
             try:
-                result = self._run_on_slot(slot, code, image, session)
+                result, traced = self._run_on_slot(slot, code, image, session)
             finally:
                 self._release(slot)
+            if result.ok:  # after the worker is free: verification must never hold up the next call
+                result = self._verify(result, image, traced)
         result.seconds = time.monotonic() - start
-        with self._cond:
-            self.counts["ok" if result.ok else str(result.error_class)] += 1
+        self._count("ok" if result.ok else str(result.error_class))
         return result
 
-    def _run_on_slot(self, slot: _Slot, code: str, image: Image.Image, session: str | None) -> ExecResult:
-        # One retry on a fresh zygote for infrastructure failures; a session child found dead (idle
-        # timeout, eviction) is replaced transparently once.
+    def _run_on_slot(self, slot: _Slot, code: str, image: Image.Image, session: str | None,
+                     ) -> tuple[ExecResult, Any]:
+        """The call's result (not yet verified) and the child's traced hints.
+
+        An infrastructure failure (the zygote broke, or a child failed before it was ready) is
+        retried once on a fresh zygote; a session child found ended (idle timeout) is replaced once.
+        """
         for attempt in range(2):
             try:
                 outcome = self._attempt(slot, code, image, session)
             except ZygoteError as exc:
-                with self._cond:
-                    self.counts["zygote_restarts"] += 1
                 log.warning("sandbox worker %d failed (%s); restarting it", slot.index, exc)
+                self._count("zygote_restarts")
                 self._restart(slot)
                 continue
-            if outcome.response is None and outcome.exit_reason in ("idle", "killed") and attempt == 0:
+            if outcome.exit is not None and outcome.exit.get("reason") == "idle" and attempt == 0:
                 continue
-            result = self._to_result(outcome, image)
+            result, traced = self._classify(outcome)
             if result.error_class == "sandbox" and attempt == 0:
+                log.warning("sandbox worker %d lost a child (%s); retrying on a fresh zygote", slot.index, outcome.exit)
+                self._count("zygote_restarts")
+                self._restart(slot)
                 continue
             zygote = slot.zygote
             if zygote is not None and zygote.served >= self.cfg.recycle_after and not slot.sessions:
                 self._restart(slot)
-            return result
-        return ExecResult(ok=False, error=messages.sandbox_error(), error_class="sandbox")
+            return result, traced
+        return ExecResult(ok=False, error=messages.sandbox_error(), error_class="sandbox"), None
 
     def _attempt(self, slot: _Slot, code: str, image: Image.Image, session: str | None) -> Outcome:
         zygote = self._ensure_zygote(slot)
@@ -247,22 +279,31 @@ class SandboxPool:
             if child is not None:
                 slot.sessions.move_to_end(session)
             elif len(slot.sessions) >= self.cfg.max_sessions_per_worker:
-                self._forget_session(slot, next(iter(slot.sessions)), kill=True)
+                self._forget_session(slot, next(iter(slot.sessions)))  # the least recently used
         if child is None:
             child = zygote.take_child()
             if session is not None:
                 slot.sessions[session] = child
+        guards = self.protections.parent_guards
         try:
             outcome = zygote.execute(child, code, image, self.cfg.timeout_s, keep_alive=session is not None,
-                                     max_pixels=self.cfg.max_output_pixels)
-        except ZygoteError:
+                                     max_pixels=self.cfg.max_output_pixels, max_meta_bytes=self._meta_cap,
+                                     guards=guards)
+        except BaseException:
+            # Whatever went wrong here, the child must not outlive its call (a dead zygote takes its
+            # children with it; the restart closes our ends).
             if session is not None:
                 slot.sessions.pop(session, None)
+            if zygote.alive():
+                try:
+                    zygote.release(child)
+                except ZygoteError:
+                    child.close()
             raise
         if session is None:
-            zygote.release(child, kill=outcome.response is None)
+            zygote.release(child, kill=guards)  # the call is over: the child ends now, whatever it runs
         elif outcome.response is None:
-            self._forget_session(slot, session, kill=True)
+            self._forget_session(slot, session)
         return outcome
 
     def _sweep_sessions(self, slot: _Slot) -> None:
@@ -270,7 +311,7 @@ class SandboxPool:
         zygote = slot.zygote
         for session_id, child in list(slot.sessions.items()):
             if zygote is not None and zygote.exited(child):
-                self._forget_session(slot, session_id, kill=False)
+                self._forget_session(slot, session_id)
 
     def _ensure_zygote(self, slot: _Slot) -> ZygoteProcess:
         if slot.zygote is None or not slot.zygote.alive():
@@ -283,40 +324,63 @@ class SandboxPool:
         if self._closed:
             raise RuntimeError("the SandboxPool is closed")
         if slot.zygote is not None:
-            slot.zygote.close()
+            slot.zygote.close()  # closes our ends of every child it handed out, sessions included
         for session_id in list(slot.sessions):
             slot.sessions.pop(session_id)
             with self._cond:
                 self._session_slot.pop(session_id, None)
-        slot.zygote = ZygoteProcess(self._zygote_settings())
+        slot.zygote = self._new_zygote()
         self._check_layers(slot.zygote.wait_ready())
 
-    def _to_result(self, outcome: Outcome, input_image: Image.Image) -> ExecResult:
-        """Turn what came back from the child (untrusted) into an ExecResult."""
+    def _classify(self, outcome: Outcome) -> tuple[ExecResult, Any]:
+        """Turn what came back from the child (untrusted) into an ExecResult (ops not yet verified)
+        and the child's traced hints."""
         if outcome.protocol_error is not None:
             log.warning("sandbox child broke the protocol: %s", outcome.protocol_error)
             return ExecResult(ok=False, error_class="runtime",
-                              error="the code interfered with the tool's result channel")
+                              error="the code interfered with the tool's result channel"), None
         if outcome.response is None:
-            error_class, error = classify_exit(outcome.exit_reason, outcome.exit_code, self.cfg.timeout_s,
-                                               self.cfg.memory_mb)
-            return ExecResult(ok=False, error=error, error_class=error_class)
+            error_class, error = classify_exit(outcome.exit or {}, self.cfg.timeout_s, self.cfg.memory_mb)
+            return ExecResult(ok=False, error=error, error_class=error_class), None
         meta, image = outcome.response.meta, outcome.response.image
+        tracer_errors = meta.get("tracer_errors")
+        if isinstance(tracer_errors, int) and not isinstance(tracer_errors, bool) and tracer_errors > 0:
+            # the child's count (forgeable, like all it sends): a diagnostic, not a verdict
+            self._count("tracer_errors", min(tracer_errors, _MAX_TRACER_ERRORS))
         # The child caps stdout itself; allow for its "... more characters" note.
-        stdout = _text(meta.get("stdout"), self.cfg.max_stdout_chars + 100)
+        stdout = self._readable(_text(meta.get("stdout"), self.cfg.max_stdout_chars + 100))
         if meta.get("ok") is not True or image is None:
             error_class = meta.get("error_class")
             if error_class not in _CHILD_ERROR_CLASSES:
                 error_class = "runtime"
-            error = _text(meta.get("error"), _MAX_ERROR_CHARS) or messages.no_result_error()
-            return ExecResult(ok=False, error=error, error_class=error_class, stdout=stdout)
+            error = self._readable(_text(meta.get("error"), _MAX_ERROR_CHARS)) or messages.no_result_error()
+            return ExecResult(ok=False, error=error, error_class=error_class, stdout=stdout), None
         problem = messages.image_size_problem(image.width, image.height, self.cfg.max_output_pixels)
         if problem:
-            return ExecResult(ok=False, error=problem, error_class="bad_image", stdout=stdout)
-        # The traced ops are hints the model's code could forge: reconcile sanitizes them and
-        # verifies the geometry against the pixels.
-        ops, to_input = reconcile(input_image, image, meta.get("traced"))
-        return ExecResult(ok=True, image=image, ops=ops, to_input=to_input, stdout=stdout)
+            return ExecResult(ok=False, error=problem, error_class="bad_image", stdout=stdout), None
+        return ExecResult(ok=True, image=image, stdout=stdout), meta.get("traced")
+
+    def _readable(self, text: str) -> str:
+        """What the model may read of a child's text: no host paths (whatever the child printed)."""
+        return messages.redact_host_paths(text) if self.protections.host_paths_hidden else text
+
+    def _verify(self, result: ExecResult, input_image: Image.Image, traced: Any) -> ExecResult:
+        """Ops checked against the pixels. The traced ops are hints the model's code could forge:
+        ``reconcile`` sanitizes them and verifies them within its budget."""
+        budget = VerificationBudget(seconds=self.cfg.verify_budget_s)
+        try:
+            result.ops, result.to_input = reconcile(input_image, result.image, traced, budget=budget)
+        except Exception:  # trust boundary: the child's pixels and hints; logged and counted
+            log.exception("sandbox verification failed on a child's result; its ops are reported unverified")
+            self._count("verify_errors")
+            result.ops, result.to_input = unverified(traced), None
+        if budget.exhausted:
+            self._count("unverified_budget")
+        return result
+
+    def _count(self, what: str, n: int = 1) -> None:
+        with self._cond:
+            self.counts[what] += n
 
     # ----- sessions and shutdown ----------------------------------------------------------------
 
@@ -328,7 +392,7 @@ class SandboxPool:
         slot = self._acquire(session_id)
         try:
             if session_id in slot.sessions:
-                self._forget_session(slot, session_id, kill=True)
+                self._forget_session(slot, session_id)
             else:
                 with self._cond:
                     self._session_slot.pop(session_id, None)
@@ -348,4 +412,3 @@ class SandboxPool:
         for slot in self._slots:
             if slot.zygote is not None:
                 slot.zygote.close()
-

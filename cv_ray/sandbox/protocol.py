@@ -10,22 +10,25 @@ the copy itself on a VM).
 
 Request (parent -> child)::
 
-    header  <4s I I I I B B I>  magic b"CVQ1", code_len, width, height, pixel_len, mode_code,
-                                keep_alive, timeout_ms (the CPU budget the child sets on itself)
+    header  <4s I I I I B B>    magic b"CVQ2", code_len, width, height, pixel_len, mode_code,
+                                keep_alive
             then code_len bytes of UTF-8 code on the pipe; the pixels (row-major) are in
             shared memory at offset 0.
 
 Response (child -> parent)::
 
     header  <4s I I I I B>    magic b"CVR1", meta_len, width, height, pixel_len, mode_code
-            then meta_len bytes of JSON metadata (ok, error, error_class, stdout, traced ops) on
-            the pipe; the pixels (pixel_len 0 when there is no image) are in shared memory.
+            then meta_len bytes of JSON metadata (ok, error, error_class, stdout, traced ops,
+            tracer_errors) on the pipe; the pixels (pixel_len 0 when there is no image) are in
+            shared memory.
 
 Images travel as raw pixels in one of three modes (L, RGB, RGBA) rather than PNG: encoding a
 1024x1024 PNG costs more CPU than the typical job itself, and raw pixels are simpler to check
 than a decompressor's input. The reader of each frame checks the magic, every length against
 hard caps and the shared buffer's size, and that ``pixel_len == width * height * bands(mode)``
-before it touches the payload, so a child that writes garbage gets a ``ProtocolError``.
+before it touches the payload, and parses the JSON metadata under limits (size, nesting depth,
+length of a number; no NaN or Infinity), so a child that writes garbage gets a ``ProtocolError``
+and nothing else: no recursion error, no huge integer, no allocation beyond the caps.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import fcntl
 import json
 import mmap
 import os
+import re
 import select
 import struct
 import time
@@ -45,9 +49,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-REQUEST_MAGIC = b"CVQ1"
+REQUEST_MAGIC = b"CVQ2"
 RESPONSE_MAGIC = b"CVR1"
-_REQUEST_HEADER = struct.Struct("<4sIIIIBBI")
+_REQUEST_HEADER = struct.Struct("<4sIIIIBB")
 _RESPONSE_HEADER = struct.Struct("<4sIIIIB")
 
 #: Wire code of each image mode and its bytes per pixel. Other modes are converted before sending.
@@ -58,7 +62,12 @@ _CODE_MODES = {code: mode for mode, code in MODE_CODES.items()}
 MAX_CODE_BYTES = 1 << 20
 """Hard cap on the code's bytes in a frame (the pool's own limit on characters is far lower)."""
 MAX_META_BYTES = 1 << 20
-"""Hard cap on the JSON metadata (stdout is capped in the child, traced ops are bounded)."""
+"""Hard cap on the JSON metadata (stdout is capped in the child, traced ops are bounded); a pool
+passes its own, lower cap (:func:`meta_bytes_cap`)."""
+MAX_META_DEPTH = 8
+"""Deepest nesting of JSON arrays and objects in the metadata (it needs 4: ``{"traced": [{"box": [...]}]}``)."""
+MAX_NUMBER_CHARS = 40
+"""Longest number literal in the metadata (a float's repr is at most 24 characters)."""
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 """Hard cap on the pixels of any image in a frame, whatever a pool's own (lower) limit."""
 
@@ -73,7 +82,6 @@ class Request:
     image: Image.Image
     keep_alive: bool
     """True in session mode: the child serves further requests on the same pipes."""
-    timeout_ms: int
 
 
 @dataclass
@@ -171,7 +179,7 @@ def _take_image(mode: str, width: int, height: int, pixel_len: int, shm: memoryv
     return Image.frombytes(mode, (width, height), shm[:pixel_len])
 
 
-def encode_request(code: str, image: Image.Image, keep_alive: bool, timeout_ms: int, shm: memoryview) -> list[bytes]:
+def encode_request(code: str, image: Image.Image, keep_alive: bool, shm: memoryview) -> list[bytes]:
     """Put the pixels in ``shm``; return the request frame to write on the pipe (header, code)."""
     image = wire_image(image)
     code_bytes = code.encode("utf-8", errors="surrogatepass")
@@ -179,7 +187,7 @@ def encode_request(code: str, image: Image.Image, keep_alive: bool, timeout_ms: 
         raise ProtocolError(f"code of {len(code_bytes)} bytes exceeds the protocol cap")
     pixel_len = _put_pixels(image, shm)
     header = _REQUEST_HEADER.pack(REQUEST_MAGIC, len(code_bytes), image.width, image.height, pixel_len,
-                                  MODE_CODES[image.mode], int(keep_alive), timeout_ms)
+                                  MODE_CODES[image.mode], int(keep_alive))
     return [header, code_bytes]
 
 
@@ -230,7 +238,7 @@ def read_request(fd: int, shm: memoryview) -> Request | None:
     raw = read_exact(fd, _REQUEST_HEADER.size)
     if raw is None:
         return None
-    magic, code_len, width, height, pixel_len, mode_code, keep_alive, timeout_ms = _REQUEST_HEADER.unpack(raw)
+    magic, code_len, width, height, pixel_len, mode_code, keep_alive = _REQUEST_HEADER.unpack(raw)
     if magic != REQUEST_MAGIC or code_len > MAX_CODE_BYTES:
         raise ProtocolError("bad request header")
     mode = _check_image_header(width, height, pixel_len, mode_code)
@@ -238,15 +246,16 @@ def read_request(fd: int, shm: memoryview) -> Request | None:
         raise ProtocolError("a request must carry an image")
     code = bytes(read_exact(fd, code_len) or b"").decode("utf-8", errors="surrogatepass")
     image = _take_image(mode, width, height, pixel_len, shm)
-    return Request(code=code, image=image, keep_alive=bool(keep_alive), timeout_ms=timeout_ms)
+    return Request(code=code, image=image, keep_alive=bool(keep_alive))
 
 
-def read_response(fd: int, deadline: float, max_pixels: int, shm: memoryview) -> Response | None:
+def read_response(fd: int, deadline: float, max_pixels: int, shm: memoryview,
+                  max_meta_bytes: int = MAX_META_BYTES) -> Response | None:
     """The child's response (parent side); None when the child closed the pipe without writing.
 
     Raises ProtocolError on a malformed frame and TimeoutError when ``deadline`` passes. The
-    JSON metadata is parsed but not interpreted here; the pixels are checked against
-    ``max_pixels`` (the pool's limit) before they are read.
+    JSON metadata is parsed under limits (:func:`parse_meta`) but not interpreted here; the pixels
+    are checked against ``max_pixels`` (the pool's limit) before they are read.
     """
     raw = read_exact(fd, _RESPONSE_HEADER.size, deadline)
     if raw is None:
@@ -254,7 +263,7 @@ def read_response(fd: int, deadline: float, max_pixels: int, shm: memoryview) ->
     magic, meta_len, width, height, pixel_len, mode_code = _RESPONSE_HEADER.unpack(raw)
     if magic != RESPONSE_MAGIC:
         raise ProtocolError("bad response magic")
-    if meta_len > MAX_META_BYTES:
+    if meta_len > min(max_meta_bytes, MAX_META_BYTES):
         raise ProtocolError(f"metadata of {meta_len} bytes exceeds the cap")
     mode = _check_image_header(width, height, pixel_len, mode_code)
     if mode is not None and width * height > max_pixels:
@@ -262,11 +271,62 @@ def read_response(fd: int, deadline: float, max_pixels: int, shm: memoryview) ->
     meta_raw = read_exact(fd, meta_len, deadline) if meta_len else bytearray()
     if meta_raw is None:
         raise ProtocolError("response ended before its metadata")
-    try:
-        meta = json.loads(bytes(meta_raw).decode("ascii"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"metadata is not JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ProtocolError("metadata is not a JSON object")
+    meta = parse_meta(bytes(meta_raw))
     image = _take_image(mode, width, height, pixel_len, shm) if mode is not None else None
     return Response(meta=meta, image=image)
+
+
+def meta_bytes_cap(max_stdout_chars: int) -> int:
+    """The metadata a child may send: its capped stdout (up to 12 bytes per character once JSON
+    escapes a non-BMP character), the error text, and 64 traced ops, with room to spare."""
+    return min(MAX_META_BYTES, 12 * max_stdout_chars + (128 << 10))
+
+
+#: A JSON string literal (escapes included); removed before the nesting depth is measured.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_OPENING = frozenset(b"[{")
+
+
+def _json_depth(raw: bytes) -> int:
+    """Deepest nesting of ``[`` / ``{`` outside string literals, or the first depth past
+    ``MAX_META_DEPTH`` (linear time, no recursion; an attack stops at its ninth bracket)."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for code in brackets:
+        depth += 1 if code in _OPENING else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > MAX_META_DEPTH:
+                break
+    return deepest
+
+
+def _number(text: str, convert: Any) -> Any:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValueError(f"a number of {len(text)} characters")
+    return convert(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_meta(raw: bytes) -> dict[str, Any]:
+    """A response's JSON metadata, parsed under limits: ASCII only, nesting at most
+    ``MAX_META_DEPTH``, numbers at most ``MAX_NUMBER_CHARS`` long, no NaN / Infinity, an object at
+    the top. Anything else raises ProtocolError (never RecursionError or a huge-int ValueError)."""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"metadata is not ASCII: {exc}") from None
+    if _json_depth(raw) > MAX_META_DEPTH:
+        raise ProtocolError(f"metadata nests deeper than {MAX_META_DEPTH} levels")
+    try:
+        meta = json.loads(text, parse_int=lambda t: _number(t, int), parse_float=lambda t: _number(t, float),
+                          parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ProtocolError(f"metadata is not acceptable JSON: {str(exc)[:200]}") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError("metadata is not a JSON object")
+    return meta

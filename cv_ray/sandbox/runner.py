@@ -6,7 +6,7 @@ sees, the imports it may make, the captured ``print`` output, the result image, 
 that names the line of the model's own code and never a host path.
 
 ``CodeRunner.run`` returns ``(meta, image)`` where ``meta`` is the JSON-able dict the child sends
-to the parent (``ok``, ``error``, ``error_class``, ``stdout``, ``traced``).
+to the parent (``ok``, ``error``, ``error_class``, ``stdout``, ``traced``, ``tracer_errors``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import builtins
 import errno
 import io
 import math
+import os
 import re
 import sys
 import traceback
@@ -102,18 +103,8 @@ def _safe_builtins() -> dict[str, Any]:
     return table
 
 
-def _host_path_patterns() -> re.Pattern[str]:
-    """Absolute paths into the Python installation or this package, which the model must not see."""
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, __file__.rsplit("/cv_ray/", 1)[0]}
-    escaped = "|".join(re.escape(r) for r in sorted(roots, key=len, reverse=True) if r and r != "/")
-    return re.compile(rf"(?:{escaped})/[^\s'\"]*")
-
-
-_HOST_PATHS = _host_path_patterns()
-
-
 def _clean(text: str) -> str:
-    text = _HOST_PATHS.sub("<lib>", text)
+    text = messages.redact_host_paths(text)
     if len(text) > _MAX_ERROR_CHARS:
         text = text[:_MAX_ERROR_CHARS] + " ..."
     return text
@@ -223,8 +214,12 @@ def normalize_result(value: Any, max_pixels: int) -> tuple[Image.Image | None, s
 class CodeRunner:
     """Runs code strings against an input image; in session mode one runner keeps its variables."""
 
-    def __init__(self, max_output_pixels: int, max_stdout_chars: int, memory_mb: int, tracer: Any | None):
-        """``tracer``: an installed ``OpTracer`` (its ``begin(image)`` / ``ops()`` bracket each call)."""
+    def __init__(self, max_output_pixels: int, max_stdout_chars: int, memory_mb: int, tracer: Any | None,
+                 restricted_imports: bool = True):
+        """``tracer``: an installed ``OpTracer`` (its ``begin(image)`` / ``ops()`` bracket each call).
+        ``restricted_imports``: serve ``import`` from preloaded modules only (off only in the escape
+        suite's control runs, see ``cv_ray.sandbox.protections``)."""
+        self._builtins = _safe_builtins() if restricted_imports else dict(vars(builtins))
         self._max_output_pixels = max_output_pixels
         self._max_stdout_chars = max_stdout_chars
         self._memory_mb = memory_mb
@@ -237,7 +232,7 @@ class CodeRunner:
         for name in ("result", "output"):
             ns.pop(name, None)
         ns.update({
-            "__builtins__": _safe_builtins(), "__name__": "__main__",
+            "__builtins__": dict(self._builtins), "__name__": "__main__",
             "image": image, "img": image, "draw": ImageDraw.Draw(image),
             "PIL": PIL, "Image": Image, "ImageEnhance": ImageEnhance, "ImageFilter": ImageFilter,
             "ImageOps": ImageOps, "ImageDraw": ImageDraw, "ImageFont": ImageFont,
@@ -248,7 +243,8 @@ class CodeRunner:
         """Run ``code`` on ``image`` (the child's own copy) and describe the outcome."""
         code_lines = code.splitlines()
         stdout = CappedText(self._max_stdout_chars)
-        meta: dict[str, Any] = {"ok": False, "error": None, "error_class": None, "stdout": "", "traced": []}
+        meta: dict[str, Any] = {"ok": False, "error": None, "error_class": None, "stdout": "", "traced": [],
+                                "tracer_errors": 0}
         try:
             compiled = compile(code, CODE_FILENAME, "exec", dont_inherit=True)
         except (SyntaxError, ValueError) as exc:  # ValueError: NUL bytes in the source
@@ -275,6 +271,8 @@ class CodeRunner:
         finally:
             sys.stdout, sys.stderr = saved
         meta["stdout"] = stdout.getvalue()
+        if self._tracer is not None:
+            meta["tracer_errors"] = self._tracer.errors
         meta["ok"] = result is not None
         meta["error_class"], meta["error"] = error_class, error
         return meta, result
@@ -283,3 +281,44 @@ class CodeRunner:
 def install_audit_hook() -> None:
     """Install the os.system hook (once per zygote; children inherit it)."""
     sys.addaudithook(_audit_os_system)
+
+
+def hide_host_paths() -> None:
+    """Replace host paths in what the code can easily print: module ``__file__``, ``__path__``,
+    specs and loaders, ``sys.path``, ``sys.prefix`` & co, ``sys.argv``, and the environment
+    (``PYTHONPATH`` is dropped).
+
+    Run once in the zygote after the last import from files (children import nothing from files).
+    Not a boundary: paths remain in memory (code objects, the dynamic linker's tables), so the
+    parent also redacts every host path from what the model reads (``messages.redact_host_paths``).
+    """
+    hide = messages.redact_host_paths
+    for module in list(sys.modules.values()):
+        attributes = getattr(module, "__dict__", None)
+        if not isinstance(attributes, dict):
+            continue
+        for name in ("__file__", "__cached__"):
+            if isinstance(attributes.get(name), str):
+                attributes[name] = hide(attributes[name])
+        if "__path__" in attributes:
+            attributes["__path__"] = [hide(p) for p in attributes["__path__"] if isinstance(p, str)]
+        spec = attributes.get("__spec__")
+        if spec is not None:
+            if isinstance(getattr(spec, "origin", None), str):
+                spec.origin = hide(spec.origin)
+            if spec.submodule_search_locations is not None:
+                spec.submodule_search_locations = [hide(p) for p in spec.submodule_search_locations]
+            spec.cached = None
+        loader = attributes.get("__loader__")
+        if isinstance(getattr(loader, "path", None), str):
+            loader.path = hide(loader.path)
+    sys.path[:] = [hide(p) for p in sys.path]
+    sys.path_importer_cache.clear()
+    for name in ("prefix", "base_prefix", "exec_prefix", "base_exec_prefix", "executable", "_base_executable"):
+        if isinstance(getattr(sys, name, None), str):
+            setattr(sys, name, hide(getattr(sys, name)))
+    sys.argv[:] = [hide(a) for a in sys.argv]
+    sys.orig_argv[:] = [hide(a) for a in sys.orig_argv]
+    os.environ.pop("PYTHONPATH", None)
+    for name, value in list(os.environ.items()):  # e.g. LD_LIBRARY_PATH, which cv2 sets on import
+        os.environ[name] = hide(value)

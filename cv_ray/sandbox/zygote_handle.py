@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -62,16 +63,32 @@ class SharedBuffer:
 class ChildHandle:
     """The parent's ends of one child: its request and response pipes and the buffer it was lent."""
 
-    def __init__(self, pid: int, req_w: int, resp_r: int, buffer: SharedBuffer):
-        self.pid, self.req_w, self.resp_r, self.buffer = pid, req_w, resp_r, buffer
+    def __init__(self, pid: int, host_pid: int, req_w: int, resp_r: int, pidfd: int, buffer: SharedBuffer):
+        self.pid, self.host_pid, self.req_w, self.resp_r, self.buffer = pid, host_pid, req_w, resp_r, buffer
+        """``pid``: in the zygote's pid namespace (what the zygote's messages use); ``host_pid``: the
+        same process in this process's namespace (diagnostics and tests)."""
+        self.pidfd = pidfd
+        """Signals this very process (never another that reused its pid)."""
+        self.stopped = False
+        """A session child stopped (SIGSTOP) between two of its calls."""
+        self.closed = False
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the child; a child already gone is no error (its call reports how it ended)."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            pass
 
     @property
     def shm(self) -> memoryview:
         return self.buffer.view
 
     def close(self) -> None:
-        for fd in (self.req_w, self.resp_r):
-            os.close(fd)
+        if not self.closed:
+            self.closed = True
+            for fd in (self.req_w, self.resp_r, self.pidfd):
+                os.close(fd)
 
 
 @dataclass
@@ -79,12 +96,13 @@ class Outcome:
     """What happened to one request: a response, or how the child ended without one."""
 
     response: protocol.Response | None = None
-    exit_reason: str | None = None
-    """``timeout``, ``idle``, ``killed`` or ``exited`` (from the zygote) when there is no response."""
-    exit_code: int | None = None
-    """The child's exit status (negative: killed by that signal)."""
+    exit: dict[str, Any] | None = None
+    """The zygote's exit report when there is no response: ``reason`` (``timeout``, ``idle``,
+    ``killed`` -- by us, because the child closed its result channel and went on running --, or
+    ``exited``), ``code`` (the exit status, negative: the signal), ``ready`` (whether the child
+    had finished its set-up: only then can the code have caused the exit), ``cpu_limit``, ``oom``."""
     protocol_error: str | None = None
-    """Set when the child wrote a malformed frame."""
+    """Set when the child wrote a malformed frame (it has been killed)."""
 
 
 def zygote_env() -> dict[str, str]:
@@ -102,24 +120,29 @@ def zygote_env() -> dict[str, str]:
 
 
 class ZygoteProcess:
-    def __init__(self, settings: dict[str, Any]):
-        """Launch a zygote (returns at once; :meth:`wait_ready` waits for its start-up report)."""
+    def __init__(self, settings: dict[str, Any], inherit_environment: bool = False):
+        """Launch a zygote (returns at once; :meth:`wait_ready` waits for its start-up report).
+
+        ``inherit_environment``: start it with this process's environment (the escape suite's
+        control runs only; see ``cv_ray.sandbox.protections``).
+        """
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {**os.environ, **zygote_env()} if inherit_environment else zygote_env()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cv_ray.sandbox.zygote", str(theirs.fileno()), json.dumps(settings)],
-            env=zygote_env(), pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, cwd="/", start_new_session=True,
         )
         theirs.close()
         self.layers: dict[str, dict[str, Any]] | None = None
         self._spares: list[ChildHandle] = []
-        self._tracked: set[int] = set()
+        self._tracked: dict[int, ChildHandle] = {}
         """Children handed out and not yet released: their exit reports are kept."""
         self._exits: dict[int, dict[str, Any]] = {}
         self._buffers: dict[int, SharedBuffer] = {}
         """Every shared buffer this zygote lent out, by its id: mapped once, scrubbed between loans."""
-        self._awaiting_exit: dict[int, SharedBuffer] = {}
-        """Buffers of released children whose exit is not reported yet (the child may still map them)."""
+        self._awaiting_exit: dict[int, ChildHandle] = {}
+        """Released children whose exit is not reported yet (they may still map their buffer)."""
         self.served = 0
 
     # ----- control channel --------------------------------------------------------------------
@@ -134,25 +157,25 @@ class ZygoteProcess:
         """Handle one control message; False when none came within ``timeout`` (0: poll)."""
         if not select.select([self.sock], [], [], timeout)[0]:
             return False
-        data, fds, _, _ = socket.recv_fds(self.sock, 65536, 3, socket.MSG_CMSG_CLOEXEC)
+        data, fds, _, _ = socket.recv_fds(self.sock, 65536, 4, socket.MSG_CMSG_CLOEXEC)
         if not data:
             raise ZygoteError(f"the sandbox zygote exited (status {self.proc.poll()})")
         message = json.loads(data)
         kind = message["msg"]
         if kind == "spare":
-            req_w, resp_r, shm_fd = fds
+            req_w, resp_r, shm_fd, pidfd = fds
             buffer = self._buffers.get(message["buffer"])
             if buffer is None:
                 buffer = self._buffers[message["buffer"]] = SharedBuffer(message["buffer"], shm_fd)
             else:  # a buffer we lent before: its mapping is kept
                 os.close(shm_fd)
-            self._spares.append(ChildHandle(message["pid"], req_w, resp_r, buffer))
+            self._spares.append(ChildHandle(message["pid"], message["host_pid"], req_w, resp_r, pidfd, buffer))
         elif kind == "exit":
             pid = message["pid"]
             if pid in self._tracked:
                 self._exits[pid] = message
             elif pid in self._awaiting_exit:
-                self._recycle(self._awaiting_exit.pop(pid))
+                self._recycle(self._awaiting_exit.pop(pid).buffer)
             for spare in [s for s in self._spares if s.pid == pid]:  # a spare that died unused
                 self._spares.remove(spare)
                 spare.close()
@@ -200,9 +223,10 @@ class ZygoteProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.sock.close()
-        for spare in self._spares:
-            spare.close()
+        for child in [*self._spares, *self._tracked.values()]:
+            child.close()
         self._spares.clear()
+        self._tracked.clear()
         for buffer in self._buffers.values():
             buffer.close()
         self._buffers.clear()
@@ -215,7 +239,7 @@ class ZygoteProcess:
         self.drain()
         self._receive_until(lambda: bool(self._spares), timeout, "spare child")
         child = self._spares.pop(0)
-        self._tracked.add(child.pid)
+        self._tracked[child.pid] = child
         return child
 
     def exited(self, child: ChildHandle) -> bool:
@@ -223,19 +247,21 @@ class ZygoteProcess:
         self.drain()
         return child.pid in self._exits
 
-    def release(self, child: ChildHandle, kill: bool) -> None:
-        """Forget a child: close our pipe ends (a per-call child has exited or will see EOF); its
-        buffer goes back to the zygote, scrubbed, once the child is reported dead."""
+    def release(self, child: ChildHandle, kill: bool = True) -> None:
+        """Forget a child and end it: it is killed now, whatever it is doing (a call is over the
+        moment its reply is read); our pipe ends close, and its buffer goes back to the zygote,
+        scrubbed, once the child is reported dead. ``kill=False`` (the escape suite's control runs
+        only) leaves a child that goes on running to its deadline."""
         exited = child.pid in self._exits
         if kill and not exited:
             self._send({"cmd": "kill", "pid": child.pid})
-        self._tracked.discard(child.pid)
+        self._tracked.pop(child.pid, None)
         self._exits.pop(child.pid, None)
         child.close()
         if exited:
             self._recycle(child.buffer)
         else:
-            self._awaiting_exit[child.pid] = child.buffer
+            self._awaiting_exit[child.pid] = child
 
     def _recycle(self, buffer: SharedBuffer) -> None:
         """Scrub a buffer no live child maps and lend it back to the zygote (it keeps our mapping),
@@ -251,15 +277,24 @@ class ZygoteProcess:
             log.debug("zygote %d did not take back buffer %d: %s", self.proc.pid, buffer.id, exc)
 
     def execute(self, child: ChildHandle, code: str, image, timeout_s: float, keep_alive: bool,
-                max_pixels: int) -> Outcome:
-        """Run ``code`` on ``image`` in ``child`` under a wall-clock deadline the zygote enforces."""
-        frame = protocol.encode_request(code, image, keep_alive, int(timeout_s * 1000), child.shm)
+                max_pixels: int, max_meta_bytes: int, guards: bool = True) -> Outcome:
+        """Run ``code`` on ``image`` in ``child`` under a wall-clock deadline the zygote enforces.
+
+        A reply is parsed under limits; a malformed one gets the child killed. No reply (the child
+        closed its end): the child is killed if it still runs, and the zygote's exit report says
+        how it ended. A session child (``keep_alive``) that replied is frozen until its next call.
+        ``guards=False`` (the escape suite's control runs only) neither kills nor freezes.
+        """
+        frame = protocol.encode_request(code, image, keep_alive, child.shm)
         self._send({"cmd": "go", "pid": child.pid, "timeout_s": timeout_s})
+        if child.stopped:
+            child.signal(signal.SIGCONT)
+            child.stopped = False
         self.served += 1
         try:
             protocol.write_frame(child.req_w, frame)
             response = protocol.read_response(child.resp_r, time.monotonic() + timeout_s + DEADLINE_GRACE_S,
-                                              max_pixels, child.shm)
+                                              max_pixels, child.shm, max_meta_bytes)
         except BrokenPipeError:
             response = None
         except TimeoutError:
@@ -269,8 +304,15 @@ class ZygoteProcess:
             return Outcome(protocol_error=str(exc))
         if response is not None:
             if keep_alive:
+                if guards:
+                    # Between its calls a session child gets no CPU at all: whatever the code left
+                    # running after its reply (a forged reply, then a loop) waits for the next
+                    # call, whose deadline bounds it again.
+                    child.signal(signal.SIGSTOP)
+                    child.stopped = True
                 self._send({"cmd": "done", "pid": child.pid})
             return Outcome(response=response)
+        if guards:  # the call is over without a reply: whatever still runs in the child ends now
+            self._send({"cmd": "kill", "pid": child.pid, "attribute": True})
         self._receive_until(lambda: child.pid in self._exits, DEADLINE_GRACE_S, "exit report")
-        report = self._exits[child.pid]
-        return Outcome(exit_reason=report["reason"], exit_code=report["code"])
+        return Outcome(exit=self._exits[child.pid])

@@ -203,7 +203,7 @@ def main(overrides: list[str]) -> dict[str, Any]:
     live_after: dict[str, int] = {}  # actors alive after each phase: only the evaluator's may outlive one
     try:
         def data() -> dict[str, Any]:
-            with SandboxPool.from_config(cfg.sandbox) as pool:
+            with SandboxPool(cfg.sandbox) as pool:
                 return build_demo_dataset(ctx.data_dir, pool, cfg.data.seed, cfg.data.num_rl_tasks,
                                           cfg.data.num_val_tasks, cfg.data.num_sft_trajectories,
                                           cfg.rollout.system_prompt, cfg.data.image_size)

@@ -30,9 +30,10 @@ SIZE = 192
 
 @pytest.fixture(scope="module")
 def pool():
+    from cv_ray.sandbox.config import SandboxConfig
     from cv_ray.sandbox.pool import SandboxPool
 
-    with SandboxPool(workers=2, timeout_s=5.0, memory_mb=1024) as sandbox:
+    with SandboxPool(SandboxConfig(workers_per_executor=2, timeout_s=5.0, memory_mb=1024)) as sandbox:
         yield sandbox
 
 

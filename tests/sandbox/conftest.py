@@ -28,7 +28,9 @@ def pool():
     import os
 
     from cv_ray.sandbox import SandboxPool
+    from cv_ray.sandbox.config import SandboxConfig
 
     os.environ["CVRAY_TEST_SECRET"] = HOST_SECRET
-    with SandboxPool(workers=2, timeout_s=2.0, memory_mb=512, max_output_pixels=2048 * 2048) as p:
+    cfg = SandboxConfig(workers_per_executor=2, timeout_s=2.0, memory_mb=512, max_output_pixels=2048 * 2048)
+    with SandboxPool(cfg) as p:
         yield p

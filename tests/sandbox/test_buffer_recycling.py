@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cv_ray.sandbox import SandboxPool, protocol, zygote_handle
+from cv_ray.sandbox.config import SandboxConfig
 
 BUFFER_BYTES = 64 << 20
 
@@ -74,7 +75,7 @@ def test_pool_reuses_a_few_buffers_and_lends_them_zeroed():
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
               [(1024, 1024), (300, 200), (640, 480)] * 4]
-    with SandboxPool(workers=1, timeout_s=10.0, memory_mb=1024) as pool:
+    with SandboxPool(SandboxConfig(workers_per_executor=1, timeout_s=10.0, memory_mb=1024)) as pool:
         for image in images:
             r = pool.run("result = image.transpose(Image.Transpose.ROTATE_90)", [image])
             assert r.ok, r.error
@@ -93,7 +94,7 @@ def test_pool_reuses_a_few_buffers_and_lends_them_zeroed():
 def test_pool_drops_buffers_holding_more_than_the_limit(monkeypatch):
     monkeypatch.setattr(zygote_handle, "RECYCLE_MAX_DIRTY_BYTES", 1 << 20)
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
-    with SandboxPool(workers=1, timeout_s=10.0, memory_mb=1024) as pool:
+    with SandboxPool(SandboxConfig(workers_per_executor=1, timeout_s=10.0, memory_mb=1024)) as pool:
         for _ in range(5):
             assert pool.run("result = image", [image]).ok
         zygote = pool._slots[0].zygote

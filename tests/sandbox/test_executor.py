@@ -61,10 +61,11 @@ def test_killed_executor_mid_request_is_retried_elsewhere(group, photo, ray_loca
 
     async def main():
         # A slow call (seconds even on a fast CPU) is in flight on every executor; one executor is
-        # killed under it long before it can finish.
+        # killed under it as soon as its call is sent (no sleep: the group's in-flight count says when).
         slow = "import math\nx = 0\nfor i in range(10**7):\n    x += math.sqrt(i)\nresult = image"
         tasks = [asyncio.create_task(group.run(slow, [photo])) for _ in range(2)]
-        await asyncio.sleep(0.2)
+        while group._in_flight[0] == 0:  # the event: a call has been sent to executor 0
+            await asyncio.sleep(0)
         ray.kill(group.actors[0], no_restart=False)
         return await asyncio.gather(*tasks)
 

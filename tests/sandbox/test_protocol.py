@@ -52,17 +52,17 @@ def _pipe_roundtrip(buffers: list[bytes], reader):
 
 def test_request_roundtrip_keeps_code_and_pixels(shm):
     image = Image.fromarray(np.arange(6 * 5 * 3, dtype=np.uint8).reshape(6, 5, 3))
-    request = _pipe_roundtrip(protocol.encode_request("result = img  # é", image, True, 1500, shm),
+    request = _pipe_roundtrip(protocol.encode_request("result = img  # é", image, True, shm),
                               lambda fd: protocol.read_request(fd, shm))
     assert request.code == "result = img  # é"
-    assert request.keep_alive is True and request.timeout_ms == 1500
+    assert request.keep_alive is True
     assert request.image.mode == "RGB" and np.array_equal(np.asarray(request.image), np.asarray(image))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "1", "CMYK"])
 def test_other_modes_travel_as_l_rgb_or_rgba(shm, mode):
     image = Image.new(mode, (3, 2))
-    request = _pipe_roundtrip(protocol.encode_request("", image, False, 1, shm), lambda fd: protocol.read_request(fd, shm))
+    request = _pipe_roundtrip(protocol.encode_request("", image, False, shm), lambda fd: protocol.read_request(fd, shm))
     assert request.image.mode in ("L", "RGB", "RGBA") and request.image.size == (3, 2)
 
 
@@ -84,7 +84,7 @@ def test_response_without_image_and_eof(shm):
 
 def test_images_larger_than_the_shared_buffer_are_refused(shm):
     with pytest.raises(protocol.ProtocolError, match="does not fit"):
-        protocol.encode_request("", Image.new("RGB", (200, 200)), False, 1, shm)
+        protocol.encode_request("", Image.new("RGB", (200, 200)), False, shm)
 
 
 def _header(magic=b"CVR1", meta_len=2, width=2, height=2, pixel_len=12, mode=2):
@@ -100,7 +100,7 @@ def _header(magic=b"CVR1", meta_len=2, width=2, height=2, pixel_len=12, mode=2):
     ([_header(width=40, height=40, pixel_len=4800), b"{}"], "shared buffer"),  # 1600 pixels, but over 4096 bytes
     ([_header(width=0, height=5, pixel_len=0)], "outside"),
     ([_header(), b"[]"], "not a JSON object"),
-    ([_header(), b"{x"], "not JSON"),
+    ([_header(), b"{x"], "not acceptable JSON"),
     ([_header(meta_len=10), b"{}"], "ended after"),
 ])
 def test_malformed_responses_are_refused(shm, frame, reason):
@@ -116,3 +116,38 @@ def test_read_times_out_on_a_silent_writer(shm):
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize("meta, reason", [
+    (b"[" * 20_000 + b"]" * 20_000, "nests deeper"),  # fits a pipe buffer: the writer does not block
+    (b'{"a": ' + b"[" * 9 + b"]" * 9 + b"}", "nests deeper"),
+    (b'{"ok": true, "x": ' + b"9" * 5000 + b"}", "a number of 5000 characters"),
+    (b'{"x": 1.' + b"5" * 100 + b"}", "a number of 102 characters"),
+    (b'{"x": NaN}', "NaN is not a JSON number"),
+    (b'{"x": -Infinity}', "-Infinity is not a JSON number"),
+    ('{"x": "é"}'.encode(), "not ASCII"),
+])
+def test_metadata_is_parsed_under_limits(shm, meta, reason):
+    """Nesting, number length and constants are bounded before Python's parser sees them.
+
+    Mutant: ``parse_meta`` without the depth pre-scan (``json.loads`` then recurses into a
+    RecursionError the pool never catches) or without the number hooks (a 5000-digit integer
+    raises a ValueError about integer conversion, or is converted at quadratic cost).
+    """
+    with pytest.raises(protocol.ProtocolError, match=reason):
+        _pipe_roundtrip([_header(meta_len=len(meta), width=0, height=0, pixel_len=0, mode=0), meta],
+                        lambda fd: protocol.read_response(fd, time.monotonic() + 5, 5000, shm))
+
+
+def test_metadata_within_the_limits_is_read_whole(shm):
+    meta = b'{"ok": true, "s": "[[[[[[[[[[\\"]]", "traced": [{"op": "crop", "box": [1.5, 2, -3e2, 4]}]}'
+    response = _pipe_roundtrip([_header(meta_len=len(meta), width=0, height=0, pixel_len=0, mode=0), meta],
+                               lambda fd: protocol.read_response(fd, time.monotonic() + 5, 5000, shm))
+    assert response.meta == {"ok": True, "s": '[[[[[[[[[["]]', "traced": [{"op": "crop", "box": [1.5, 2, -300.0, 4]}]}
+
+
+def test_a_pool_caps_the_metadata_below_the_protocol_cap(shm):
+    meta = b'{"pad": "' + b"x" * 3000 + b'"}'
+    with pytest.raises(protocol.ProtocolError, match="exceeds the cap"):
+        _pipe_roundtrip([_header(meta_len=len(meta), width=0, height=0, pixel_len=0, mode=0), meta],
+                        lambda fd: protocol.read_response(fd, time.monotonic() + 5, 5000, shm, max_meta_bytes=2048))

@@ -146,7 +146,7 @@ def test_crop_of_a_rotated_view_without_hints(tracer):
     result, hints = execute(tracer, "result = np.rot90(np.array(img))[10:60, 20:100].copy()")
     assert hints == []
     ops, to_input = reconcile(PHOTO, result, [])
-    assert ops == [{"op": "crop", "box": [100, 20, 150, 100], "via": "pixels"}, {"op": "rotate_90", "via": "pixels"}]
+    assert ops == [{"op": "crop", "box": [100, 20, 150, 100], "frame_box": [100, 20, 150, 100], "via": "pixels"}, {"op": "rotate_90", "via": "pixels"}]
     assert apply(to_input, 0, 0) == (150, 20)   # result's top-left shows the box's top-right
     assert_exact_view(PHOTO, result, to_input)
 
@@ -164,7 +164,7 @@ def test_small_crop_of_a_text_image_is_found_without_hints(tracer):
     # a 30 x 14 patch of a mostly white document: the rare dark pixels locate it
     result, _ = execute(tracer, "result = np.array(image)[34:48, 60:90].copy()", image=TEXT)
     ops, to_input = reconcile(TEXT, result, [])
-    assert ops == [{"op": "crop", "box": [60, 34, 90, 48], "via": "pixels"}]
+    assert ops == [{"op": "crop", "box": [60, 34, 90, 48], "frame_box": [60, 34, 90, 48], "via": "pixels"}]
     assert_exact_view(TEXT, result, to_input)
 
 
@@ -269,7 +269,7 @@ def test_hints_the_pixels_contradict_are_rejected(tracer):
     # a crop with a wrong box: the true box comes from the pixels
     result, _ = execute(tracer, "result = img.crop((30, 20, 90, 70))")
     ops, _ = reconcile(PHOTO, result, [{"op": "crop", "box": [0, 0, 60, 50], "src": 0, "dst": 1}])
-    assert ops == [{"op": "crop", "box": [30, 20, 90, 70], "via": "pixels"}]
+    assert ops == [{"op": "crop", "box": [30, 20, 90, 70], "frame_box": [30, 20, 90, 70], "via": "pixels"}]
     # a turn claimed for a contrast change of the unturned square image: structure says identity
     result, _ = execute(tracer, "result = ImageEnhance.Contrast(image).enhance(1.7)", image=SQUARE)
     ops, to_input = reconcile(SQUARE, result, [{"op": "rotate_90", "src": 0, "dst": 1},
@@ -320,12 +320,12 @@ def test_ambiguous_crop_placement_is_flagged(tracer):
     flat = Image.new("RGB", (64, 48), (10, 200, 30))
     result, _ = execute(tracer, "result = np.array(img)[10:20, 5:25].copy()", image=flat)
     ops, to_input = reconcile(flat, result, [])
-    assert ops == [{"op": "crop", "box": [0, 0, 20, 10], "via": "pixels", "ambiguous": True}]
+    assert ops == [{"op": "crop", "box": [0, 0, 20, 10], "frame_box": [0, 0, 20, 10], "via": "pixels", "ambiguous": True}]
     assert to_input == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]   # the top-left placement
     # with the true hint, the traced box is kept
     result, hints = execute(tracer, "result = img.crop((5, 10, 25, 20))", image=flat)
     ops, _ = reconcile(flat, result, hints)
-    assert ops == [{"op": "crop", "box": [5, 10, 25, 20], "via": "Image.crop"}]
+    assert ops == [{"op": "crop", "box": [5, 10, 25, 20], "frame_box": [5, 10, 25, 20], "via": "Image.crop"}]
 
 
 def test_other_input_modes(tracer):
@@ -335,4 +335,143 @@ def test_other_input_modes(tracer):
     rgba = PHOTO.convert("RGBA")
     result, _ = execute(tracer, "result = image.crop((5, 6, 50, 60))", image=rgba)
     ops, _ = reconcile(rgba, result, [])
-    assert ops == [{"op": "crop", "box": [5, 6, 50, 60], "via": "pixels"}]
+    assert ops == [{"op": "crop", "box": [5, 6, 50, 60], "frame_box": [5, 6, 50, 60], "via": "pixels"}]
+
+
+# -- verification with a budget and no crash (issue 18, classes 6-8) ------------------------------
+
+def _crafted_pair(side: int) -> tuple[Image.Image, Image.Image]:
+    """A pair that made the sub-window search quadratic: an input almost all zeros (every pixel is a
+    candidate placement) with a few bright pixels (each probe removes a handful of placements, so
+    the pruning never stalls), and a zero result with one odd pixel off the probe grid."""
+    from cv_ray.sandbox.recognize import PROBE_GRID, _grid
+
+    rng = np.random.default_rng(0)
+    inp = np.zeros((side, side), np.uint8)
+    inp[rng.integers(0, side, 6), rng.integers(0, side, 6)] = 200
+    res = np.zeros((100, 100), np.uint8)
+    off_grid = [v for v in range(100) if v not in set(_grid(100, PROBE_GRID).tolist())]
+    res[off_grid[20], off_grid[20]] = 7
+    return Image.fromarray(inp), Image.fromarray(res)
+
+
+def test_verification_of_a_crafted_pair_stops_at_its_work_budget():
+    """Class 6: the crafted pair costs the unbounded search many times the work budget; within the
+    budget reconcile stops, reports the claimed op unverified and claims no map.
+
+    Control: with an unlimited budget the same pair spends over 5x the default budget (the ratio
+    grows with the input: 45x and 13 s for a 512 px input before the fix). Mutant: no ``spend`` in the probe loop of ``_search_subwindow``.
+    """
+    from cv_ray.sandbox.recognize import MIN_WORK, WORK_PER_PIXEL, VerificationBudget
+
+    inp, res = _crafted_pair(256)
+    default_work = max(MIN_WORK, WORK_PER_PIXEL * (256 * 256 + 100 * 100))
+    unlimited = VerificationBudget(seconds=None, work=10**12)
+    reconcile(inp, res, [], budget=unlimited)
+    assert unlimited.spent > 5 * default_work and not unlimited.exhausted
+    budget = VerificationBudget(seconds=None)
+    hints = [{"op": "crop", "box": [10, 10, 110, 110], "src": 0, "dst": 1}]
+    ops, to_input = reconcile(inp, res, hints, budget=budget)
+    assert budget.exhausted and budget.spent <= default_work + 256 * 256
+    assert ops == [{"op": "crop", "box": [10, 10, 110, 110], "frame_box": [10, 10, 110, 110], "unverified": True}]
+    assert to_input is None
+
+
+def test_verification_stops_at_its_time_budget():
+    from cv_ray.sandbox.recognize import VerificationBudget
+
+    budget = VerificationBudget(seconds=-1.0)  # already past: the first check stops it
+    ops, to_input = reconcile(PHOTO, PHOTO.transpose(Image.Transpose.ROTATE_90), [{"op": "rotate_90"}], budget=budget)
+    assert budget.exhausted and ops == [{"op": "rotate_90", "unverified": True}] and to_input is None
+
+
+def test_a_result_that_matches_on_the_grid_only_is_not_exact():
+    """Class 8: a quarter turn with every pixel off the sparse grids replaced by noise (94% of the
+    image) is not ``rotate_90``: the claim is checked on every pixel.
+
+    Control: the sparse grids alone (the check before the fix) accept it.
+    Mutant: ``_exact`` returning the grid verdict without ``_exact_full``.
+    """
+    from cv_ray.sandbox.recognize import VerificationBudget, _exact_on_grid, _grid, _pair
+
+    photo = Image.fromarray(data.astronaut()).resize((320, 240))
+    quarter_turn = [[0.0, -1.0, 320.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    rotated = np.asarray(photo.transpose(Image.Transpose.ROTATE_90))
+    h, w = rotated.shape[:2]
+    kept = np.zeros((h, w), bool)
+    for points in (16, 64):
+        kept[np.ix_(_grid(h, points), _grid(w, points))] = True
+    noise = np.random.default_rng(0).integers(0, 256, rotated.shape, dtype=np.uint8)
+    forged = Image.fromarray(np.where(kept[..., None], rotated, noise))
+    assert kept.mean() < 0.06
+    pair = _pair(photo, forged, VerificationBudget())
+    assert all(_exact_on_grid(pair, quarter_turn, pair.res, points) == (True, False) for points in (16, 64))
+    assert reconcile(photo, forged, []) == ([], None)
+    ops, to_input = reconcile(photo, forged, [{"op": "rotate_90", "src": 0, "dst": 1}])
+    assert ops == [{"op": "rotate_90", "unverified": True}] and to_input is None
+
+
+@pytest.mark.parametrize("resample", ["NEAREST", "BILINEAR", "BICUBIC", "LANCZOS", "BOX", "HAMMING"])
+@pytest.mark.parametrize("box, size", [((30, 20, 110, 80), (40, 30)), ((30.5, 20.25, 110.5, 80), (200, 150))])
+def test_every_resampling_of_a_crop_is_verified_on_every_pixel(tracer, resample, box, size):
+    result, hints = execute(tracer, f"result = image.resize({size}, Image.Resampling.{resample}, box={box})")
+    ops, to_input = reconcile(PHOTO, result, hints)
+    assert [op["op"] for op in ops] == ["crop", "resize"] and not any(op.get("unverified") for op in ops)
+    assert ops[0]["box"] == list(box) and to_input is not None
+
+
+def test_a_resampled_crop_with_replaced_pixels_is_not_verified(tracer):
+    """Class 8 for resampled views: 5% of the pixels replaced by noise fails the full-resolution
+    tolerance check, although a low-resolution comparison (the check before the fix) accepts it.
+
+    Mutant: ``_close`` with ``CLOSE_OUTLIERS = 1.0`` (no per-pixel check).
+    """
+    result, hints = execute(tracer, "result = image.resize((160, 120), box=(30, 20, 110, 80))")
+    pixels = np.asarray(result).copy()
+    rng = np.random.default_rng(1)
+    replaced = rng.random(pixels.shape[:2]) < 0.05
+    pixels[replaced] = rng.integers(0, 256, (int(replaced.sum()), 3), dtype=np.uint8)
+    low = [cv2.resize(np.asarray(a, np.float32), (40, 30), interpolation=cv2.INTER_AREA)
+           for a in (pixels, np.asarray(result))]
+    assert np.abs(low[0] - low[1]).mean() <= 6.0  # what the low-resolution check saw: a match
+    ops, to_input = reconcile(PHOTO, Image.fromarray(pixels), hints)
+    assert all(op.get("unverified") for op in ops if op["op"] == "crop") and to_input is None
+
+
+def test_fractional_geometry_never_crashes_verification():
+    """Class 7: a crop with a half-pixel box and an odd width, on an input whose columns are all
+    alike (so the result is exact) and a gray result with a claimed change (so every pixel is
+    compared with a tolerance): the rounded box of the old full check was one pixel wider than the
+    result and numpy raised.
+
+    Mutant: the old ``_exact_everywhere`` (map_box rounded, then subtraction of unequal shapes).
+    """
+    gradient = np.repeat(np.arange(0, 192, 3, dtype=np.uint8)[:, None], 96, axis=1)
+    inp = Image.fromarray(np.stack([gradient, gradient // 2, 255 - gradient], -1))
+    result = inp.convert("L").crop((0, 0, 7, 8))
+    hints = [{"op": "crop", "box": [0.5, 0, 7.5, 8], "src": 0, "dst": 1},
+             {"op": "resize", "size": [7, 8], "src": 1, "dst": 2},
+             {"op": "grayscale", "changed": True, "src": 2, "dst": 3}]
+    ops, to_input = reconcile(inp, result, hints)
+    assert [op["op"] for op in ops] == ["crop", "resize", "grayscale"]
+    assert ops[0]["frame_box"] == [0.5, 0, 7.5, 8] and to_input == [[1.0, 0.0, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_random_fractional_hints_never_crash_verification():
+    """Forged hints with fractional and out-of-range boxes, odd sizes and every turn, on images of
+    every mode: reconcile returns (it may find nothing), it never raises."""
+    rng = np.random.default_rng(7)
+    images = [PHOTO, PHOTO.convert("L"), SQUARE, Image.new("RGB", (33, 17), "gray"),
+              Image.fromarray(np.repeat(np.arange(64, dtype=np.uint8)[None], 40, axis=0))]
+    names = ["crop", "resize", "pad", "rotate_90", "rotate_180", "flip_horizontal", "grayscale", "contrast_up"]
+    for i in range(300):
+        inp = images[i % len(images)]
+        result = images[rng.integers(len(images))].resize((int(rng.integers(1, 70)), int(rng.integers(1, 70))))
+        hints = []
+        for k in range(int(rng.integers(1, 4))):
+            op = {"op": names[rng.integers(len(names))], "src": k, "dst": k + 1, "changed": bool(rng.integers(2))}
+            x1, y1 = (round(float(v), 2) for v in rng.uniform(-5, 40, 2))
+            op["box"] = [x1, y1, x1 + round(float(rng.uniform(1, 60)), 2), y1 + round(float(rng.uniform(1, 60)), 2)]
+            op["size"] = [int(rng.integers(1, 70)), int(rng.integers(1, 70))]
+            hints.append(op)
+        reconcile(inp, result, hints)

@@ -116,17 +116,27 @@ def test_check_request():
     assert too_big.error_class == "bad_image" and "image 1 is 4x4" in too_big.error
 
 
-@pytest.mark.parametrize("reason, code, expected", [
-    ("timeout", -signal.SIGKILL, "timeout"),
-    ("exited", -signal.SIGXCPU, "timeout"),
-    ("exited", -signal.SIGKILL, "memory"),
-    ("exited", -signal.SIGSEGV, "runtime"),
-    ("exited", 3, "runtime"),
-    ("exited", 70, "sandbox"),
-    ("idle", -signal.SIGKILL, "sandbox"),
+@pytest.mark.parametrize("report, expected", [
+    ({"ready": True, "reason": "timeout", "code": -signal.SIGKILL}, "timeout"),
+    ({"ready": True, "reason": "exited", "code": -signal.SIGXCPU}, "timeout"),
+    ({"ready": True, "reason": "exited", "code": -signal.SIGKILL, "cpu_limit": True}, "timeout"),
+    ({"ready": True, "reason": "exited", "code": -signal.SIGKILL, "oom": True}, "memory"),
+    # a SIGKILL that was neither ours, nor its CPU limit's, nor the OOM killer's: from outside
+    ({"ready": True, "reason": "exited", "code": -signal.SIGKILL, "oom": False}, "sandbox"),
+    ({"ready": True, "reason": "exited", "code": -signal.SIGSEGV}, "runtime"),
+    ({"ready": True, "reason": "exited", "code": 3}, "runtime"),
+    # once the child is ready, its exit status is the code's, whatever number it chose
+    ({"ready": True, "reason": "exited", "code": 70}, "runtime"),
+    ({"ready": True, "reason": "exited", "code": 0}, "runtime"),
+    ({"ready": False, "reason": "exited", "code": 70}, "sandbox"),
+    ({"ready": False, "reason": "exited", "code": 3}, "sandbox"),
+    ({"ready": True, "reason": "killed", "code": -signal.SIGKILL}, "runtime"),
+    ({"ready": True, "reason": "idle", "code": -signal.SIGKILL}, "sandbox"),
 ])
-def test_classify_exit(reason, code, expected):
-    error_class, text = classify_exit(reason, code, 5.0, 1024)
+def test_classify_exit(report, expected):
+    """Mutant: an exit status of 70 (the set-up failure status) read as ``sandbox`` whatever the
+    readiness, or an unexplained SIGKILL read as ``memory``."""
+    error_class, text = classify_exit(report, 5.0, 1024)
     assert error_class == expected and text
 
 

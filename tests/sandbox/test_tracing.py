@@ -108,8 +108,8 @@ def test_records_link_into_a_lineage_chain(tracer):
 def test_pil_crop_records_its_box_in_both_frames(tracer):
     result, traced = run(tracer, "result = image.crop((30, 20, 90, 70))")
     assert result.size == (60, 50)
-    assert traced == [{"op": "crop", "box": [30, 20, 90, 70], "via": "Image.crop", "src": 0,
-                       "input_box": [30.0, 20.0, 90.0, 70.0], "dst": 1}]
+    assert traced == [{"op": "crop", "box": [30, 20, 90, 70], "frame_box": [30, 20, 90, 70], "via": "Image.crop",
+                       "src": 0, "input_box": [30.0, 20.0, 90.0, 70.0], "dst": 1}]
 
 
 def test_crop_of_a_rotated_image_is_mapped_back_to_the_input_frame(tracer):
