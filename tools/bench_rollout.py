@@ -35,8 +35,9 @@ import torch
 from PIL import Image
 
 from cv_ray.agent.chat import ChatCodec
+from cv_ray.agent.config import LoopSettings
 from cv_ray.agent.generation import GenerationRequest, SamplingParams
-from cv_ray.agent.loop import AgentLoop, LoopSettings
+from cv_ray.agent.loop import AgentLoop
 from cv_ray.agent.tool_format import format_tool_call
 from cv_ray.agent.tool_runner import LocalToolRunner
 from cv_ray.models.tiny import ensure_tiny_model

@@ -23,12 +23,13 @@ import inspect
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from PIL import Image
 
 from cv_ray.agent.chat import ChatCodec
+from cv_ray.agent.config import LoopSettings
 from cv_ray.agent.generation import Engine, GenerationRequest, SamplingParams, mix_seeds
 from cv_ray.agent.model_images import resize_for_model
 from cv_ray.agent.prompts import NO_TOOL_SYSTEM_PROMPT
@@ -37,28 +38,6 @@ from cv_ray.agent.tool_parser import parse_tool_calls
 from cv_ray.agent.tool_runner import ToolRunner
 from cv_ray.geometry import compose, identity
 from cv_ray.types import Task, ToolCallRecord, Trajectory
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """What the agent loop reads of the rollout config (``RolloutConfig.loop_settings()`` builds it)."""
-
-    max_turns: int = 12
-    """Assistant turns per episode."""
-    max_new_tokens_per_turn: int = 1024
-    """Sampled tokens per assistant turn."""
-    max_response_tokens: int = 16384
-    """Token budget of a whole episode's response (sampled + tool tokens)."""
-    temperature: float = 1.0
-    """Sampling temperature unless a call overrides it (0: greedy)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (1: off)."""
-    max_concurrent_trajectories: int = 64
-    """Episodes in flight at once in one ``run_many``."""
-    tool_image_min_pixels: int = 28 * 28 * 4
-    """Lower pixel bound of tool images as the model sees them."""
-    tool_image_max_pixels: int = 1024 * 28 * 28
-    """Upper pixel bound of tool images as the model sees them (originals are kept)."""
 
 
 def _text_only(content: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cv_ray.agent.config import LoopSettings
 from cv_ray.errors import ConfigError, require_at_least
 
 #: How new weights reach the rollout engines (`rollout.vllm.weight_sync`; cv_ray/weight_sync.py does each):
@@ -48,7 +49,10 @@ class VLLMConfig:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(LoopSettings):
+    """Rollout workers and their engine; the agent loop's own keys (``max_turns``, ``temperature``, ...)
+    come from :class:`cv_ray.agent.config.LoopSettings`, which this extends."""
+
     engine: str = "hf"
     """`hf` (transformers; CPU or GPU) or `vllm` (GPU only; needs the `vllm` extra)."""
     num_workers: int = 1
@@ -59,22 +63,6 @@ class RolloutConfig:
     """Ray CPUs reserved by each worker (its placement-group bundle); on CPU also the engine's torch threads."""
     n_samples: int = 4
     """Samples per task (the GRPO group size)."""
-    temperature: float = 1.0
-    """Sampling temperature; the learner scores tokens at the same one (importance ratio 1 on-policy)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (1: off)."""
-    max_turns: int = 12
-    """Assistant turns per episode (the reference recipe uses 12)."""
-    max_new_tokens_per_turn: int = 1024
-    """Sampled tokens per assistant turn."""
-    max_response_tokens: int = 16384
-    """Token budget of a whole episode's response (sampled + tool tokens)."""
-    max_concurrent_trajectories: int = 64
-    """Episodes in flight per worker."""
-    tool_image_min_pixels: int = 28 * 28 * 4
-    """Lower pixel bound of tool images as the model sees them."""
-    tool_image_max_pixels: int = 1024 * 28 * 28
-    """Tool images are resized into this range for the model; originals are kept for image_index."""
     hf_max_batch_size: int = 32
     """HF engine: most requests gathered into one padded `generate` call."""
     system_prompt: str = ""
@@ -86,16 +74,6 @@ class RolloutConfig:
     the same either way. The SFT stage encodes with the same setting."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """vLLM engine settings (rollout=vllm)."""
-
-    def loop_settings(self):
-        """The agent loop's part of this config (:class:`cv_ray.agent.loop.LoopSettings`)."""
-        from cv_ray.agent.loop import LoopSettings
-
-        return LoopSettings(max_turns=self.max_turns, max_new_tokens_per_turn=self.max_new_tokens_per_turn,
-                            max_response_tokens=self.max_response_tokens, temperature=self.temperature,
-                            top_p=self.top_p, max_concurrent_trajectories=self.max_concurrent_trajectories,
-                            tool_image_min_pixels=self.tool_image_min_pixels,
-                            tool_image_max_pixels=self.tool_image_max_pixels)
 
     def validate(self, prefix: str = "rollout") -> None:
         if self.engine not in ("hf", "vllm"):

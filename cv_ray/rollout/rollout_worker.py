@@ -48,7 +48,7 @@ class RolloutWorker:
         self.model = model
         self.engine = make_engine(model, cfg)
         self.codec = codec_from_config(model.load_processor(), cfg)
-        self.loop = AgentLoop(self.engine, self.codec, sandbox_group, cfg.loop_settings())
+        self.loop = AgentLoop(self.engine, self.codec, sandbox_group, cfg)  # a RolloutConfig is LoopSettings
         self.in_flight = 0
 
     async def rollout(self, tasks: list[Task], n_samples: int, temperature: float | None = None,

@@ -18,7 +18,8 @@ import pytest
 from agent_testlib import CROP, FAILING, ROTATE_90, noise_image
 
 from cv_ray.agent.chat import banned_token_ids, encode_sft
-from cv_ray.agent.loop import AgentLoop, LoopSettings
+from cv_ray.agent.config import LoopSettings
+from cv_ray.agent.loop import AgentLoop
 from cv_ray.agent.prompts import SYSTEM_PROMPT, TOOL_SCHEMA
 from cv_ray.agent.tool_format import format_tool_call, tool_error_content, tool_response_content
 from cv_ray.agent.tool_parser import parse_tool_calls

@@ -10,7 +10,8 @@ import asyncio
 
 from agent_testlib import CROP, FAILING, ROTATE_90, noise_image
 
-from cv_ray.agent.loop import AgentLoop, LoopSettings
+from cv_ray.agent.config import LoopSettings
+from cv_ray.agent.loop import AgentLoop
 from cv_ray.agent.tool_format import format_tool_call
 from cv_ray.geometry import map_box
 from cv_ray.rollout.scripted_engine import ScriptedEngine

@@ -16,8 +16,9 @@ import hashlib
 import pytest
 
 from cv_ray.agent.chat import ChatCodec
+from cv_ray.agent.config import LoopSettings
 from cv_ray.agent.generation import GenerationOutput, GenerationRequest
-from cv_ray.agent.loop import AgentLoop, LoopSettings
+from cv_ray.agent.loop import AgentLoop
 from cv_ray.agent.tool_format import format_tool_call
 from cv_ray.data.suites import build_suite
 from cv_ray.eval.metrics import summarize

@@ -18,8 +18,9 @@ import torch
 from rollout_testlib import noise_image
 
 from cv_ray.agent.chat import ChatCodec, build_model_inputs
+from cv_ray.agent.config import LoopSettings
 from cv_ray.agent.generation import Engine
-from cv_ray.agent.loop import AgentLoop, LoopSettings
+from cv_ray.agent.loop import AgentLoop
 from cv_ray.agent.tool_format import format_tool_call
 from cv_ray.logprobs import token_logprobs
 from cv_ray.rollout.scripted_engine import ScriptedEngine
