@@ -31,9 +31,10 @@ def short_run(tmp_path_factory, tiny_qwen25):
     from transformers import AutoProcessor
 
     from cv_ray.sandbox import SandboxPool
+    from cv_ray.sandbox.config import SandboxConfig
 
     processor = AutoProcessor.from_pretrained(tiny_qwen25)
-    with SandboxPool(workers=2, timeout_s=10.0) as pool:
+    with SandboxPool(SandboxConfig(workers_per_executor=2, timeout_s=10.0)) as pool:
         run = build_short_run(tmp_path_factory.mktemp("dashboard") / "run", processor, pool)
         yield run
         run.tracker.close()

@@ -36,8 +36,9 @@ def processor(tiny_qwen25):
 @pytest.fixture(scope="module")
 def pool():
     from cv_ray.sandbox import SandboxPool
+    from cv_ray.sandbox.config import SandboxConfig
 
-    with SandboxPool(workers=2, timeout_s=10.0) as pool:
+    with SandboxPool(SandboxConfig(workers_per_executor=2, timeout_s=10.0)) as pool:
         yield pool
 
 

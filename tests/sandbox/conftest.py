@@ -8,6 +8,10 @@ from PIL import Image
 #: Set in this process before any pool starts: no sandboxed code may ever see it.
 HOST_SECRET = "cvray-host-secret-7f3a9c"
 
+#: The stdout limit of the pools the escape suite attacks: large enough that a whole environment
+#: (a CI machine's runs to several thousand characters) is never cut before a leaked secret.
+ESCAPE_STDOUT_CHARS = 100_000
+
 
 @pytest.fixture(scope="session")
 def host_secret() -> str:
@@ -31,6 +35,7 @@ def pool():
     from cv_ray.sandbox.config import SandboxConfig
 
     os.environ["CVRAY_TEST_SECRET"] = HOST_SECRET
-    cfg = SandboxConfig(workers_per_executor=2, timeout_s=2.0, memory_mb=512, max_output_pixels=2048 * 2048)
+    cfg = SandboxConfig(workers_per_executor=2, timeout_s=2.0, memory_mb=512, max_output_pixels=2048 * 2048,
+                        max_stdout_chars=ESCAPE_STDOUT_CHARS)
     with SandboxPool(cfg) as p:
         yield p

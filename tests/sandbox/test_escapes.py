@@ -382,8 +382,11 @@ result = image
 @pytest.fixture(scope="module")
 def escape_pools(pool):
     """One pool per mode (the hardened one is the suite's shared pool). The control inherits this
-    process's environment, which holds the host secret (set by the shared pool's fixture)."""
-    cfg = SandboxConfig(workers_per_executor=1, timeout_s=5.0, memory_mb=512)
+    process's environment, which holds the host secret (set by the shared pool's fixture).
+
+    Their stdout limit is the shared pool's, far above the default 2,000 characters: a CI machine's environment is
+    long, and a reply cut before the secret would fail the control run for the wrong reason."""
+    cfg = SandboxConfig(workers_per_executor=1, timeout_s=5.0, memory_mb=512, max_stdout_chars=pool.cfg.max_stdout_chars)
     extra = {mode: SandboxPool(cfg, _protections=PROTECTIONS[mode]) for mode in ("kernel_only", "control")}
     yield {"hardened": pool, **extra}
     for p in extra.values():
