@@ -29,6 +29,7 @@ FLOORS: list[str] = [
     "models", "data",                      # model directories and processors; datasets
     "rollout", "learner",                  # engines and rollout actors; DeepSpeed ranks
     "config", "episode_groups", "cluster",  # the config tree; the sandbox/rollout/reward trio; Ray start-up
+    "async_rl",                            # the asynchronous loop's bookkeeping (pure)
     "viewer", "dashboard", "tracking",     # what a run shows
     "eval", "sweep",                       # benchmark runner; sweep summaries
     "driver", "cli",                       # the single controller and its entry point

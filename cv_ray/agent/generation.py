@@ -49,19 +49,32 @@ class GenerationOutput:
     """Per sampled id: ``token_logprobs`` of the raw logits under the request's temperature and bans."""
     finish_reason: str
     """``stop`` (a stop token was sampled) or ``length`` (max_new_tokens reached)."""
+    weight_version: int = 0
+    """The engine's weight version that generated every id of this output (see
+    :attr:`Engine.weight_version`): an output is generated under one version; the next turn of the
+    same trajectory may be generated under a newer one."""
 
 
 class Engine(abc.ABC):
-    """Asynchronous generation with log-probs, and in-place weight updates."""
+    """Asynchronous generation with log-probs, and in-place weight updates.
+
+    ``weight_version`` names the weights loaded: 0 for the checkpoint the engine started from, then
+    what each ``update_weights`` sets. Weights change only between generation calls, never inside
+    one, and every output reports the version it was generated under.
+    """
+
+    weight_version: int = 0
 
     @abc.abstractmethod
     async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         """One output per request, in order. Concurrent calls may be served in one batch."""
 
     @abc.abstractmethod
-    async def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
+    async def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int | None = None) -> int:
         """Load new weights (HF state-dict names of the ``*ForConditionalGeneration`` model, a subset is
-        fine) and return the new weight version (updates counted from 0)."""
+        fine) and return the new weight version: ``version`` when given (the learner's policy version,
+        which the driver passes so that a resumed run or a restarted worker counts like the learner),
+        else the previous version + 1."""
 
     def describe(self) -> dict[str, object]:
         """What the health check reports (no generation)."""

@@ -5,6 +5,11 @@ Concurrent requests are gathered into one left-padded ``generate`` call per batc
 and the log-prob of every sampled token is ``cv_ray.logprobs.token_logprobs`` of the model's raw
 logits at that step, under the request's temperature and bans: exactly what the learner recomputes
 from a full forward pass (tests/rollout/test_hf_engine.py checks it to 1e-4).
+
+Weights and versions: one lock serialises batches and weight loads, so a batch (one turn of every
+trajectory in it) is generated under one set of weights, and the version read under that lock is
+the one each of its outputs reports. A load waits for the running batch; trajectories in flight
+continue under the new weights at their next turn.
 """
 
 from __future__ import annotations
@@ -54,10 +59,10 @@ class HFEngine(Engine):
     async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         return await self._batcher.submit(requests)
 
-    async def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
+    async def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int | None = None) -> int:
         import asyncio
 
-        return await asyncio.to_thread(self._load_weights, named_tensors)
+        return await asyncio.to_thread(self._load_weights, named_tensors, version)
 
     def describe(self) -> dict[str, object]:
         return {"engine": "hf", "model_path": self.model_path, "device": str(self.device),
@@ -65,7 +70,7 @@ class HFEngine(Engine):
 
     # -- blocking parts (run in a worker thread) ----------------------------------------------
 
-    def _load_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
+    def _load_weights(self, named_tensors: dict[str, torch.Tensor], version: int | None = None) -> int:
         known = self.model.state_dict()
         unknown = sorted(set(named_tensors) - set(known))
         if unknown:
@@ -76,7 +81,7 @@ class HFEngine(Engine):
                 if known[name].shape != tensor.shape:
                     raise ValueError(f"weight {name}: shape {tuple(tensor.shape)}, expected {tuple(known[name].shape)}")
                 known[name].copy_(tensor.to(device=known[name].device, dtype=known[name].dtype))
-            self.weight_version += 1
+            self.weight_version = self.weight_version + 1 if version is None else version
         return self.weight_version
 
     def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
@@ -86,8 +91,10 @@ class HFEngine(Engine):
             s = request.sampling
             groups[(s.temperature, s.top_p, s.stop_token_ids, s.banned_token_ids)].append(i)
         with self._model_lock:
+            version = self.weight_version  # the weights cannot change until the lock is released
             for indices in groups.values():
                 for i, output in zip(indices, self._generate_group([requests[i] for i in indices])):
+                    output.weight_version = version
                     outputs[i] = output
         return outputs  # type: ignore[return-value]
 

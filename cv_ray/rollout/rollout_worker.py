@@ -13,11 +13,23 @@ tasks across them, and returns the trajectories in task order with the batch's m
 ``update_weights`` takes weights as an ObjectRef (what ``LearnerGroup.gather_weights`` returns: one
 copy in Ray's object store, read by every worker) or as a dict; their names are the Hugging Face
 state-dict names of the ``*ForConditionalGeneration`` model (``model.named_parameters()``).
+
+The asynchronous RL loop (cv_ray/driver.py) streams instead: ``submit`` sends one task's group of
+samples to the least-loaded worker and returns at once (the caller ``ray.wait``s on the ref), with a
+``min_version``: the worker starts those episodes only once its engine holds weights of at least
+that version, so a weight push need not be awaited before the next submissions. Workers are created
+with ``max_restarts=-1``: Ray restarts one that dies (its calls in flight fail; the caller resubmits
+them after ``push_weights`` gave the restarted worker the current weights). A restarted worker asked
+for a version it has not received refuses at once (:class:`WeightsBehindError`) rather than wait for
+a push nobody knows to send.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -29,10 +41,19 @@ from cv_ray.rollout.config import RolloutConfig
 from cv_ray.rollout.metrics import batch_metrics
 from cv_ray.types import Task, Trajectory
 
+#: Builds a worker's engine from (model, config, chat codec); the default is ``make_engine`` by
+#: ``cfg.engine``. Benchmarks and tests pass one that builds a ScriptedEngine.
+EngineFactory = Callable[[ModelRef, RolloutConfig, Any], Any]
+
+
+class WeightsBehindError(RuntimeError):
+    """A restarted worker was asked to sample under weights it has not received."""
+
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, model: ModelRef, cfg: RolloutConfig, sandbox_group: Any):
+    def __init__(self, model: ModelRef, cfg: RolloutConfig, sandbox_group: Any,
+                 engine_factory: EngineFactory | None = None):
         from cv_ray.agent.chat import codec_from_config
         from cv_ray.agent.loop import AgentLoop
         from cv_ray.rollout.engine import make_engine
@@ -43,25 +64,53 @@ class RolloutWorker:
             # Ray's workers start with OMP_NUM_THREADS=1 (cv_ray.cluster); a CPU engine uses its CPU share.
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         self.model = model
-        self.engine = make_engine(model, cfg)
         self.codec = codec_from_config(model.load_processor(), cfg)
+        self.engine = engine_factory(model, cfg, self.codec) if engine_factory else make_engine(model, cfg)
         self.loop = AgentLoop(self.engine, self.codec, sandbox_group, cfg.loop_settings())
         self.in_flight = 0
+        self.busy_s = 0.0
+        """Seconds during which at least one episode was in flight (the asynchronous loop's idle metric)."""
+        self._busy_since = 0.0
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.weights_received = 0
+        self._new_weights = asyncio.Condition()
+
+    def _count(self, episodes: int) -> None:
+        now = time.monotonic()
+        if self.in_flight > 0:
+            self.busy_s += now - self._busy_since
+        self._busy_since = now
+        self.in_flight += episodes
 
     async def rollout(self, tasks: list[Task], n_samples: int, temperature: float | None = None,
-                      use_tools: bool = True) -> list[Trajectory]:
-        """``n_samples`` trajectories per task, task-major (see AgentLoop.run_many)."""
-        self.in_flight += len(tasks) * n_samples
+                      use_tools: bool = True, min_version: int = 0) -> list[Trajectory]:
+        """``n_samples`` trajectories per task, task-major (see AgentLoop.run_many), started once the
+        engine's weights are at least ``min_version``."""
+        if self.engine.weight_version < min_version:
+            if self.restarted and not self.weights_received:
+                raise WeightsBehindError(f"this rollout worker was restarted and holds weights of version "
+                                         f"{self.engine.weight_version}; version {min_version} was asked for")
+            async with self._new_weights:
+                await self._new_weights.wait_for(lambda: self.engine.weight_version >= min_version)
+        self._count(len(tasks) * n_samples)
         try:
             return await self.loop.run_many(tasks, n_samples, temperature, use_tools)
         finally:
-            self.in_flight -= len(tasks) * n_samples
+            self._count(-len(tasks) * n_samples)
 
-    async def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
-        return await self.engine.update_weights(named_tensors)
+    async def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int | None = None) -> int:
+        """Load the weights (``version``: the learner's policy version, default the previous + 1); episodes
+        waiting for this version start, episodes in flight continue under it from their next turn."""
+        self.weights_received += 1  # counted on arrival: an episode asking for this version may wait for it
+        loaded = await self.engine.update_weights(named_tensors, version)
+        async with self._new_weights:
+            self._new_weights.notify_all()
+        return loaded
 
     async def health(self) -> dict[str, Any]:
-        return {**self.engine.describe(), "in_flight": self.in_flight, "node": ray.get_runtime_context().get_node_id()}
+        busy = self.busy_s + (time.monotonic() - self._busy_since if self.in_flight > 0 else 0.0)
+        return {**self.engine.describe(), "in_flight": self.in_flight, "busy_s": busy, "restarted": self.restarted,
+                "node": ray.get_runtime_context().get_node_id()}
 
 
 def split_evenly(n_items: int, n_parts: int) -> list[tuple[int, int]]:
@@ -75,15 +124,29 @@ def split_evenly(n_items: int, n_parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One group of samples sent to a worker by :meth:`RolloutGroup.submit`."""
+
+    ref: ray.ObjectRef
+    """Resolves to the trajectories (``ray.get`` raises if the worker died meanwhile)."""
+    worker: int
+    """Index of the worker it went to."""
+
+
 class RolloutGroup(GroupShell):
-    def __init__(self, model: ModelRef | str, cfg: RolloutConfig, sandbox_group: Any):
+    def __init__(self, model: ModelRef | str, cfg: RolloutConfig, sandbox_group: Any,
+                 engine_factory: EngineFactory | None = None):
         self.cfg = cfg
         on_gpu = cfg.gpus_per_worker > 0
         bundles = [{"GPU": cfg.gpus_per_worker, "CPU": cfg.cpus_per_worker}] * cfg.num_workers if on_gpu else None
+        # Restarted by Ray when one dies; calls in flight are not retried by Ray (the caller resubmits them).
         self.actors = ActorGroup(
-            RolloutWorker, cfg.num_workers, args=(ModelRef.of(model), cfg, sandbox_group), bundles=bundles,
-            options=lambda i: {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker},
-            name="rollout workers")
+            RolloutWorker, cfg.num_workers, args=(ModelRef.of(model), cfg, sandbox_group, engine_factory),
+            bundles=bundles, name="rollout workers",
+            options=lambda i: {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker,
+                               "max_restarts": -1, "max_task_retries": 0})
+        self._in_flight = [0] * cfg.num_workers
 
     def rollout(self, tasks: list[Task], n_samples: int | None = None, temperature: float | None = None,
                 use_tools: bool = True) -> tuple[list[Trajectory], dict[str, float]]:
@@ -100,14 +163,34 @@ class RolloutGroup(GroupShell):
         trajectories = [t for chunk in self.actors.get(refs) for t in chunk]
         return trajectories, batch_metrics(trajectories, time.perf_counter() - started)
 
-    def update_weights(self, weights: ray.ObjectRef | dict[str, torch.Tensor]) -> list[int]:
+    def submit(self, task: Task, n_samples: int | None = None, min_version: int = 0) -> Submission:
+        """Send one task's ``n_samples`` episodes (default ``cfg.n_samples``) to the worker with the fewest
+        groups in flight, to start once its weights are at least ``min_version``; returns at once.
+        Call :meth:`settled` when the ref has been read (or has failed)."""
+        worker = min(range(len(self._in_flight)), key=lambda i: self._in_flight[i])
+        self._in_flight[worker] += 1
+        ref = self.actors[worker].rollout.remote([task], n_samples or self.cfg.n_samples, None, True, min_version)
+        return Submission(ref, worker)
+
+    def settled(self, submission: Submission) -> None:
+        """``submission`` no longer counts towards its worker's load."""
+        self._in_flight[submission.worker] -= 1
+
+    def update_weights(self, weights: ray.ObjectRef | dict[str, torch.Tensor], version: int | None = None) -> list[int]:
         """Load one set of weights into every worker's engine; returns their new weight versions.
 
         ``weights``: an ObjectRef of ``{hf_name: tensor}`` (``LearnerGroup.gather_weights()``), or the
-        dict itself (put in the object store once here).
+        dict itself (put in the object store once here). ``version``: the learner's policy version
+        (default: each engine's previous version + 1).
         """
+        return self.actors.get(self.push_weights(weights, version))
+
+    def push_weights(self, weights: ray.ObjectRef | dict[str, torch.Tensor], version: int | None = None,
+                     workers: list[int] | None = None) -> list[ray.ObjectRef]:
+        """Like :meth:`update_weights` without waiting: the refs of every worker's load (or of ``workers``' only)."""
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
-        return self.actors.get(self.actors.each(lambda worker: worker.update_weights.remote(ref)))
+        targets = range(len(self.actors)) if workers is None else workers
+        return [self.actors[i].update_weights.remote(ref, version) for i in targets]
 
     def health(self) -> list[dict[str, Any]]:
         return self.actors.get(self.actors.each(lambda worker: worker.health.remote()))

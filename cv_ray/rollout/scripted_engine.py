@@ -8,7 +8,9 @@ one engine serves many concurrent trajectories. Latency models one saturated dev
 token every ``seconds_per_token`` for one request at a time, in arrival order (an asyncio lock
 held while sleeping), so every extra request adds generation time, as on a busy GPU, and a
 trajectory in the sandbox costs the device nothing. Log-probs are a constant placeholder (this
-engine has no model).
+engine has no model). It has no weights either, but it keeps a weight version like the real
+engines: ``update_weights`` ignores the tensors and sets the version, and each turn reports the
+version it started under (what the asynchronous loop's tests and ``tools/bench_async.py`` need).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ScriptedEngine(Engine):
         self.seconds_per_token = seconds_per_token
         self._prompt_marker = codec.tokenizer.encode(codec.generation_prompt, add_special_tokens=False)
         self._device = asyncio.Lock()
+        self.weight_version = 0
 
     def _turn_index(self, ids: list[int]) -> int:
         marker, n = self._prompt_marker, len(self._prompt_marker)
@@ -44,16 +47,21 @@ class ScriptedEngine(Engine):
         limit = request.sampling.max_new_tokens
         finish = "stop" if len(ids) <= limit else "length"
         ids = ids[:limit]
-        if self.seconds_per_token:
-            async with self._device:
-                await asyncio.sleep(self.seconds_per_token * len(ids))
-        return GenerationOutput(ids, [SCRIPTED_LOGPROB] * len(ids), finish)
+        if not self.seconds_per_token:
+            return GenerationOutput(ids, [SCRIPTED_LOGPROB] * len(ids), finish, self.weight_version)
+        async with self._device:
+            version = self.weight_version  # the turn is "generated" under the weights it starts with
+            await asyncio.sleep(self.seconds_per_token * len(ids))
+        return GenerationOutput(ids, [SCRIPTED_LOGPROB] * len(ids), finish, version)
 
     async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
-    async def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
-        raise NotImplementedError("a scripted engine has no weights")
+    async def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int | None = None) -> int:
+        """Nothing to load (the tensors are ignored); only the version moves, as on a real engine."""
+        self.weight_version = self.weight_version + 1 if version is None else version
+        return self.weight_version
 
     def describe(self) -> dict[str, object]:
-        return {"engine": "scripted", "turns": len(self.turn_ids), "seconds_per_token": self.seconds_per_token}
+        return {"engine": "scripted", "turns": len(self.turn_ids), "seconds_per_token": self.seconds_per_token,
+                "weight_version": self.weight_version}

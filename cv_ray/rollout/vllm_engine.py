@@ -117,8 +117,8 @@ class VLLMEngine(Engine):
     async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         return await self._batcher.submit(requests)
 
-    async def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
-        return await asyncio.to_thread(self._load_weights, named_tensors)
+    async def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int | None = None) -> int:
+        return await asyncio.to_thread(self._load_weights, named_tensors, version)
 
     def describe(self) -> dict[str, object]:
         return {"engine": "vllm", "model_path": self.model_path, "tensor_parallel_size": self.cfg.tensor_parallel_size,
@@ -149,6 +149,7 @@ class VLLMEngine(Engine):
                 prompt["multi_modal_data"] = {"image": list(request.images)}
             prompts.append(prompt)
         with self._llm_lock:
+            version = self.weight_version  # weights change only under this lock, between calls
             results = self.llm.generate(prompts, [self._sampling_params(r) for r in requests], use_tqdm=False)
         outputs = []
         for request, result in zip(requests, results, strict=True):
@@ -156,7 +157,7 @@ class VLLMEngine(Engine):
             ids = list(completion.token_ids)
             logprobs = [float(step[token].logprob) for token, step in zip(ids, completion.logprobs, strict=True)]
             stopped = bool(ids) and ids[-1] in request.sampling.stop_token_ids
-            outputs.append(GenerationOutput(ids, logprobs, "stop" if stopped else "length"))
+            outputs.append(GenerationOutput(ids, logprobs, "stop" if stopped else "length", version))
         return outputs
 
     def _weight_targets(self) -> list[tuple[str, torch.device]]:
@@ -167,7 +168,7 @@ class VLLMEngine(Engine):
             targets.append((str(torch.cuda.get_device_properties(device).uuid), device))
         return targets
 
-    def _load_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
+    def _load_weights(self, named_tensors: dict[str, torch.Tensor], version: int | None = None) -> int:
         targets = self._weight_targets()
         start = self.llm.start_weight_update
         # The names are the Hugging Face checkpoint's; vLLM maps them to its own layout.
@@ -185,7 +186,7 @@ class VLLMEngine(Engine):
             if bucket:
                 self._send(bucket, targets)
             self.llm.finish_weight_update()
-            self.weight_version += 1
+            self.weight_version = self.weight_version + 1 if version is None else version
         return self.weight_version
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]], targets: list[tuple[str, torch.device]]) -> None:
