@@ -16,8 +16,9 @@ How the bound holds by construction. A group started under ``s`` must be consume
 ``s + k`` (its *deadline*). Two rules keep every deadline reachable:
 
 * **Budget** (AReaL's): at most ``(k + 1) * B`` groups are outstanding (started, not yet consumed or
-  filtered out). Step ``v`` and the ``k`` after it consume ``(k + 1) * B`` groups, so a new group's
-  deadline ``v + k`` is reachable *if* the earlier ones do not take its place.
+  filtered out), ``k * B`` once step ``v`` has taken its batch. Step ``v`` and the ``k`` after it
+  consume ``(k + 1) * B`` groups, so a new group's deadline ``v + k`` is reachable *if* the earlier
+  ones do not take its place.
 * **Earliest deadline first**: a step takes the ``B`` ready groups with the earliest deadlines, and
   only when what stays outstanding still fits: for every ``w`` in ``v .. v + k - 1``, at most
   ``(w - v) * B`` remaining groups may have a deadline ``<= w``. Otherwise the step waits for more
@@ -99,6 +100,8 @@ class GroupLedger:
         self.in_flight: dict[int, Ticket] = {}
         self.ready: dict[int, ScoredGroup] = {}
         self.counts = LedgerCounts()
+        self.taken = False
+        """Whether this version's step has taken its batch (until :meth:`advance`)."""
 
     # --------------------------------------------------------------------------------- starting
 
@@ -108,11 +111,11 @@ class GroupLedger:
 
     def room(self) -> int:
         """How many groups may be started now: the staleness budget, and no more than the remaining
-        steps will consume."""
+        steps will consume (the current step's batch no longer counts once it is taken)."""
         b, k = self.batch_groups, self.max_staleness
-        budget = (k + 1) * b - self.outstanding
-        demand = (self.total_steps - self.version) * b - self.outstanding
-        return max(0, min(budget, demand))
+        steps_left = self.total_steps - self.version - self.taken
+        budget = (k + 1 - self.taken) * b - self.outstanding
+        return max(0, min(budget, steps_left * b - self.outstanding))
 
     def start(self, task_index: int) -> Ticket:
         """Record a group started now, under the current version. Raises when there is no room."""
@@ -146,6 +149,8 @@ class GroupLedger:
         """The step's ``B`` groups (earliest deadline first), removed from the queue; None while the
         groups that must go first are still in flight (see the module docstring)."""
         v, b, k = self.version, self.batch_groups, self.max_staleness
+        if self.taken:
+            raise RuntimeError(f"version {v}'s batch was already taken; advance() first")
         for seq in [s for s, g in self.ready.items() if g.oldest_version() < v - k]:
             del self.ready[seq]  # cannot happen with engines that report their versions right
             self.counts.stale_dropped += 1
@@ -161,11 +166,13 @@ class GroupLedger:
         for group in batch:
             del self.ready[group.ticket.seq]
         self.counts.consumed += b
+        self.taken = True
         return batch
 
     def advance(self) -> None:
         """The step's update is done: the policy is one version newer."""
         self.version += 1
+        self.taken = False
 
     # ------------------------------------------------------------------------------ checkpoints
 
@@ -173,14 +180,15 @@ class GroupLedger:
         """Everything a resume needs: the queue (scored groups, kept whole), the tickets in flight (to
         regenerate), the version, the sequence counter and the counts. Picklable."""
         return {"batch_groups": self.batch_groups, "max_staleness": self.max_staleness, "version": self.version,
-                "next_seq": self.next_seq, "in_flight": [asdict(t) for t in self.in_flight.values()],
+                "taken": self.taken, "next_seq": self.next_seq,
+                "in_flight": [asdict(t) for t in self.in_flight.values()],
                 "ready": list(self.ready.values()), "counts": asdict(self.counts)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], total_steps: int) -> GroupLedger:
         """A ledger that continues where ``state`` stopped; its in-flight tickets must be submitted again."""
         ledger = cls(state["batch_groups"], state["max_staleness"], total_steps, state["version"])
-        ledger.next_seq = state["next_seq"]
+        ledger.next_seq, ledger.taken = state["next_seq"], state["taken"]
         ledger.in_flight = {t["seq"]: Ticket(**t) for t in state["in_flight"]}
         ledger.ready = {g.ticket.seq: g for g in state["ready"]}
         ledger.counts = LedgerCounts(**state["counts"])

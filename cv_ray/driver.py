@@ -21,7 +21,7 @@ import logging
 import math
 import pickle
 import time
-from collections import deque
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +42,10 @@ log = logging.getLogger("cv_ray.driver")
 PIPELINE = ("data", "sft", "rl", "eval")
 CHECKPOINT_DONE = "COMPLETE"
 ASYNC_STATE = "async_state.pkl"
+MAX_GROUP_RETRIES = 5
+"""Resubmissions of one group after its rollout worker died before the run gives up."""
+RL_GROUPS = "rl_groups.jsonl"
+"""Asynchronous runs: one line per group a step trained on (its start order, task, versions, reward)."""
 ASYNC_TIS_CAP = 2.0
 """The cap on the behaviour weight ``pi_proximal / pi_behaviour`` of the decoupled PPO loss when an
 asynchronous run leaves ``learner.loss.tis_cap`` at 0 (the truncation of Yao et al.'s TIS; AReaL's
@@ -381,10 +385,16 @@ def rl_async_step(ctx: RunContext, step: int, stream: AsyncRollouts, learner) ->
             with timer("weight_gather"):
                 weights = learner.gather_weights()
             stream.push(weights, stream.ledger.version + 1)
-    # 5. log (the caller writes the metrics; samples go to the viewer now)
+    # 5. log (the caller writes the metrics; samples go to the viewer, the step's groups to rl_groups.jsonl)
     trajectories = [t for _, t, _ in flat]
     shown = flat[: cfg.logger.samples_per_step]
     ctx.tracker.log_samples([ViewerSample.from_rollout(g.task, t, b) for g, t, b in shown], step=step)
+    with (ctx.work_dir / RL_GROUPS).open("a") as out:
+        for g in batch:
+            out.write(json.dumps({"step": step, "seq": g.ticket.seq, "task_index": g.ticket.task_index,
+                                  "uid": g.task.uid, "started_version": g.ticket.version,
+                                  "oldest_version": g.oldest_version(),
+                                  "reward_mean": float(np.mean([b.total for b in g.breakdowns]))}) + "\n")
     metrics = {**batch_metrics(trajectories, timer.seconds["time/collect_s"]),
                **stream.groups.reward.metrics([g.breakdowns for g in batch]), **adv_metrics,
                **_prefixed("learner", learner_metrics), **timer.seconds,
@@ -416,9 +426,11 @@ class AsyncRollouts:
     ``trainer.rl.filter_flat_groups``, is dropped when its rewards are all equal). Nothing here runs in
     a thread: the actors work while the driver waits on the learner, and :meth:`collect` catches up.
 
-    Faults: a rollout worker that dies is restarted by Ray; its groups in flight are resubmitted after
-    the current weights were pushed to it (no completed group is lost: completed groups live here, in
-    the driver). Sandbox executors retry calls elsewhere on their own.
+    Faults: a rollout worker that dies is restarted by Ray, which runs its calls in flight again there;
+    the restarted worker refuses the groups that need newer weights than its checkpoint's
+    (``WeightsBehindError``), and this class pushes it the current weights and submits those groups
+    again, to the other workers while the push is on its way. Completed groups live here, in the
+    driver, so none is lost. Sandbox executors retry calls elsewhere on their own.
     """
 
     def __init__(self, cfg: Config, tasks: list, sampler: BatchSampler, groups, version: int,
@@ -445,6 +457,7 @@ class AsyncRollouts:
         self.weights = None
         """The newest weights pushed (an ObjectRef): what a restarted worker is given."""
         self._step = {"sampled_tokens": 0.0, "filtered": 0.0, "worker_failures": 0.0}
+        self._retries: Counter = Counter()
         self._stale_before = self.ledger.counts.stale_dropped
         self._busy = self._busy_seconds()
 
@@ -457,8 +470,9 @@ class AsyncRollouts:
             self._submit(ticket)
 
     def _submit(self, ticket: Ticket) -> None:
+        restoring = {worker for worker in self.pushes.values() if worker is not None}
         submission = self.groups.rollout.submit(self.tasks[ticket.task_index], self.cfg.rollout.n_samples,
-                                                min_version=ticket.version)
+                                                min_version=ticket.version, avoid=restoring)
         self.rollouts[submission.ref] = (ticket, submission)
 
     def _start_groups(self) -> None:
@@ -517,9 +531,14 @@ class AsyncRollouts:
             self.ledger.finish(ScoredGroup(ticket, self.tasks[ticket.task_index], trajectories, breakdowns), keep)
 
     def _recover(self, worker: int, ticket: Ticket, exc: BaseException) -> None:
-        """Ray restarts a dead worker from the checkpoint it started with: give it the newest weights
-        (once per restart), then submit the lost group again (its ticket, so its deadline, unchanged)."""
+        """Ray restarted a worker from the checkpoint it started with: give it the newest weights (one push
+        at a time), and submit the refused (or lost) group again, elsewhere while that push is on its way
+        (its ticket, so its deadline, unchanged)."""
         self._step["worker_failures"] += 1
+        self._retries[ticket.seq] += 1
+        if self._retries[ticket.seq] > MAX_GROUP_RETRIES:
+            raise RuntimeError(f"group {ticket.seq} (task {ticket.task_index}) was lost {MAX_GROUP_RETRIES + 1} times "
+                               f"by the rollout workers (last: {exc!r}); see the workers' logs") from exc
         log.warning("rollout worker %d lost group %d (%s); resubmitting it", worker, ticket.seq, type(exc).__name__)
         if self.weights is not None and worker not in self.pushes.values():
             for ref in self.groups.rollout.push_weights(self.weights, self.ledger.version, [worker]):

@@ -82,6 +82,8 @@ class Simulation:
         for _ in range(self.rng.randint(0, 4)):  # groups finishing while the learner updates
             if self.ledger.in_flight:
                 self.finish_one()
+            if self.rng.random() < 0.3:  # a driver that starts groups again before the new version
+                self.start_all()
         self.ledger.advance()
         return batch
 
@@ -90,7 +92,8 @@ class Simulation:
 def test_staleness_never_exceeds_k_over_random_interleavings(k):
     """Mutants: a step that takes the B groups that finished first (AReaL's budget alone: stragglers
     pass their deadline); earliest deadlines first without the check of what stays outstanding; a
-    budget of (k + 2) * B."""
+    budget of (k + 2) * B; a budget that forgets the batch already taken at this version (groups
+    started between a step's batch and its weight push)."""
     for seed in range(150):
         rng = random.Random(seed * 10 + k)
         batch_groups, steps = rng.randint(1, 4), rng.randint(3, 12)
@@ -145,6 +148,14 @@ def test_budget_room_and_misuse():
         ledger.finish(scored(tickets[0], 0))
     ledger = GroupLedger(batch_groups=2, max_staleness=3, total_steps=1)
     assert ledger.room() == 2  # one step left: two groups, not the budget's eight
+    ledger = GroupLedger(batch_groups=1, max_staleness=1, total_steps=5)
+    first, second = ledger.start(0), ledger.start(1)
+    ledger.finish(scored(first, 0))
+    assert ledger.take_batch() is not None and ledger.room() == 0  # budget k * B = 1, held by `second`
+    with pytest.raises(RuntimeError, match="already taken"):
+        ledger.take_batch()
+    ledger.advance()
+    assert ledger.room() == 1 and second.seq in ledger.in_flight
 
 
 def test_a_group_older_than_the_bound_is_dropped_and_counted():

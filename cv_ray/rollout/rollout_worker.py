@@ -18,17 +18,18 @@ The asynchronous RL loop (cv_ray/driver.py) streams instead: ``submit`` sends on
 samples to the least-loaded worker and returns at once (the caller ``ray.wait``s on the ref), with a
 ``min_version``: the worker starts those episodes only once its engine holds weights of at least
 that version, so a weight push need not be awaited before the next submissions. Workers are created
-with ``max_restarts=-1``: Ray restarts one that dies (its calls in flight fail; the caller resubmits
-them after ``push_weights`` gave the restarted worker the current weights). A restarted worker asked
-for a version it has not received refuses at once (:class:`WeightsBehindError`) rather than wait for
-a push nobody knows to send.
+with ``max_restarts=-1`` and ``max_task_retries=-1``: Ray restarts one that dies and runs its calls in
+flight again on the restarted worker, which starts from the checkpoint's weights (version 0). A
+restarted worker asked for a version it has not received refuses at once (:class:`WeightsBehindError`)
+rather than wait for a push nobody knows to send; the caller then pushes it the current weights and
+submits the group again (cv_ray/driver.py, ``AsyncRollouts``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,12 +141,12 @@ class RolloutGroup(GroupShell):
         self.cfg = cfg
         on_gpu = cfg.gpus_per_worker > 0
         bundles = [{"GPU": cfg.gpus_per_worker, "CPU": cfg.cpus_per_worker}] * cfg.num_workers if on_gpu else None
-        # Restarted by Ray when one dies; calls in flight are not retried by Ray (the caller resubmits them).
+        # Restarted by Ray when one dies, its calls in flight run again there (see the module docstring).
         self.actors = ActorGroup(
             RolloutWorker, cfg.num_workers, args=(ModelRef.of(model), cfg, sandbox_group, engine_factory),
             bundles=bundles, name="rollout workers",
             options=lambda i: {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker,
-                               "max_restarts": -1, "max_task_retries": 0})
+                               "max_restarts": -1, "max_task_retries": -1})
         self._in_flight = [0] * cfg.num_workers
 
     def rollout(self, tasks: list[Task], n_samples: int | None = None, temperature: float | None = None,
@@ -163,11 +164,14 @@ class RolloutGroup(GroupShell):
         trajectories = [t for chunk in self.actors.get(refs) for t in chunk]
         return trajectories, batch_metrics(trajectories, time.perf_counter() - started)
 
-    def submit(self, task: Task, n_samples: int | None = None, min_version: int = 0) -> Submission:
+    def submit(self, task: Task, n_samples: int | None = None, min_version: int = 0,
+               avoid: Collection[int] = ()) -> Submission:
         """Send one task's ``n_samples`` episodes (default ``cfg.n_samples``) to the worker with the fewest
-        groups in flight, to start once its weights are at least ``min_version``; returns at once.
-        Call :meth:`settled` when the ref has been read (or has failed)."""
-        worker = min(range(len(self._in_flight)), key=lambda i: self._in_flight[i])
+        groups in flight (not one of ``avoid``, e.g. a restarting worker, unless all are), to start once
+        its weights are at least ``min_version``; returns at once. Call :meth:`settled` when the ref has
+        been read (or has failed)."""
+        workers = [i for i in range(len(self._in_flight)) if i not in avoid] or list(range(len(self._in_flight)))
+        worker = min(workers, key=lambda i: self._in_flight[i])
         self._in_flight[worker] += 1
         ref = self.actors[worker].rollout.remote([task], n_samples or self.cfg.n_samples, None, True, min_version)
         return Submission(ref, worker)
