@@ -44,6 +44,8 @@ CHECKPOINT_DONE = "COMPLETE"
 ASYNC_STATE = "async_state.pkl"
 MAX_GROUP_RETRIES = 5
 """Resubmissions of one group after its rollout worker died before the run gives up."""
+MAX_FILTERED_BATCHES = 8
+"""Dynamic sampling gives up when one step has dropped this many batches' worth of flat groups."""
 RL_GROUPS = "rl_groups.jsonl"
 """Asynchronous runs: one line per group a step trained on (its start order, task, versions, reward)."""
 ASYNC_TIS_CAP = 2.0
@@ -528,6 +530,11 @@ class AsyncRollouts:
             breakdowns = ray.get(ref)
             keep = not (self.cfg.trainer.rl.filter_flat_groups and is_flat_group([b.total for b in breakdowns]))
             self._step["filtered"] += not keep
+            if self._step["filtered"] > MAX_FILTERED_BATCHES * self.ledger.batch_groups:
+                raise RuntimeError(f"trainer.rl.filter_flat_groups: {int(self._step['filtered'])} groups in this step "
+                                   f"had equal rewards for all their samples (no signal), too few to fill a batch "
+                                   f"of {self.ledger.batch_groups}: the policy is too good or too bad on these "
+                                   f"tasks for GRPO. Turn the filter off, or change the tasks or rollout.n_samples")
             self.ledger.finish(ScoredGroup(ticket, self.tasks[ticket.task_index], trajectories, breakdowns), keep)
 
     def _recover(self, worker: int, ticket: Ticket, exc: BaseException) -> None:

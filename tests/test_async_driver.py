@@ -93,7 +93,8 @@ def test_a_rollout_worker_killed_mid_step_loses_no_group(ray_local, tiny_qwen25)
     weights older than its start version or is more than k stale, and the restarted worker ends on the
     current version. Mutants: a worker that starts a group without waiting for its min_version; a
     driver that does not resubmit a refused group (step 2 never fills), or does not push the weights
-    to the restarted worker (it refuses the group again and again)."""
+    to the restarted worker (it refuses the group again and again). Then, with dynamic sampling on and
+    every reward equal, the loop gives up with the reason (mutant: no limit, it samples forever)."""
     import numpy as np
     import ray
     from PIL import Image
@@ -136,6 +137,13 @@ def test_a_rollout_worker_killed_mid_step_loses_no_group(ray_local, tiny_qwen25)
             stream.push(ray.put({}), version + 1)  # the scripted engine loads nothing, but takes the version
         stream.wait_for_push()
         health = groups.rollout.health()
+        # Dynamic sampling on a policy with no signal: every scripted sample earns the same reward, every
+        # group is dropped, and the loop stops with the reason instead of sampling forever.
+        cfg.trainer.rl.filter_flat_groups, cfg.trainer.rl.steps = True, 6
+        flat = AsyncRollouts(cfg, tasks, BatchSampler(len(tasks), 2, seed=1), groups, version=4)
+        with pytest.raises(RuntimeError, match="equal rewards"):
+            flat.collect()
+        assert flat.ledger.counts.filtered > 8 * 2 and flat.ledger.counts.consumed == 0
     assert failures >= 1
     assert sorted(h["restarted"] for h in health) == [False, True]
     assert [h["weight_version"] for h in health] == [4, 4]

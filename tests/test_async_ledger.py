@@ -206,3 +206,21 @@ def test_flat_group_filter_and_over_long_predicate():
     assert not is_flat_group([1.0, 0.0]) and not is_flat_group([0.0, 0.0, 0.5]) and not is_flat_group([])
     assert cut_by_token_budget(trajectory([0], "max_tokens"))
     assert not any(cut_by_token_budget(trajectory([0], reason)) for reason in ("answer", "no_tool_call", "max_turns"))
+
+
+def test_over_long_trajectories_train_no_token_but_keep_their_advantage():
+    """``trainer.rl.mask_overlong``: the sample of a trajectory stopped by the token budget keeps its
+    advantage (it still counted in its group's mean) and trains no token; the others are untouched; the
+    count is a metric. Off, nothing changes. Mutant: the mask applied to every sample of the group."""
+    from cv_ray.config import Config
+    from cv_ray.driver import _train_samples
+
+    cfg = Config()
+    trajs = [trajectory([0, 0, -1, 0], "answer"), trajectory([0, 0, 0], "max_tokens")]
+    samples, metrics = _train_samples(cfg, trajs, [0.5, -0.5])
+    assert metrics == {} and [s.loss_mask.sum() for s in samples] == [3.0, 3.0]
+    cfg.trainer.rl.mask_overlong = True
+    samples, metrics = _train_samples(cfg, trajs, [0.5, -0.5])
+    assert metrics == {"rollout/overlong_masked": 1.0}
+    assert [s.loss_mask.sum() for s in samples] == [3.0, 0.0]
+    assert samples[1].advantages[1:].tolist() == [-0.5] * 3
