@@ -81,6 +81,16 @@ class RLScheduleConfig:
     """Registered advantage estimator the driver applies to each group's rewards (cv_ray.learner.advantages)."""
     adv_std_norm: bool = True
     """Divide group-centred rewards by the group's standard deviation."""
+    max_staleness: int = 0
+    """Asynchronous RL (k): 0 is the synchronous step (rollout, then update). k >= 1 streams: rollouts
+    for the coming steps keep running while the learner updates, and a step at policy version v trains
+    only on trajectories whose oldest token was sampled by version >= v - k. The loss then corrects for
+    the lag (decoupled PPO: learner.loss.tis_cap, 2 unless set; docs/learner.md)."""
+    filter_flat_groups: bool = False
+    """Dynamic sampling (DAPO): drop groups whose rewards are all equal (no GRPO signal) and keep
+    sampling until the step has batch_size groups; uses the streaming loop, also with max_staleness=0."""
+    mask_overlong: bool = False
+    """Take trajectories stopped by a token limit (stop reason `max_tokens`) out of the loss (mask 0)."""
 
 
 @dataclass
@@ -122,6 +132,9 @@ class TrainerConfig:
                               f"use one of {', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
         if self.rl.batch_size < 1:
             raise ConfigError(f"{prefix}.rl.batch_size", f"got {self.rl.batch_size}", "use at least 1")
+        if self.rl.max_staleness < 0:
+            raise ConfigError(f"{prefix}.rl.max_staleness", f"got {self.rl.max_staleness}",
+                              "use 0 (synchronous) or a number of policy versions >= 1")
         if self.sft.batch_size < 1:
             raise ConfigError(f"{prefix}.sft.batch_size", f"got {self.sft.batch_size}", "use at least 1")
 
@@ -244,6 +257,10 @@ def validate(cfg: Config) -> None:
                           f"{cfg.trainer.sft.batch_size} sequences do not split over learner.num_ranks={cfg.learner.num_ranks}",
                           "make trainer.sft.batch_size a multiple of learner.num_ranks")
     check_weight_sync(cfg.rollout, cfg.learner)
+    if cfg.trainer.rl.filter_flat_groups and cfg.rollout.n_samples < 2:
+        raise ConfigError("trainer.rl.filter_flat_groups",
+                          f"rollout.n_samples={cfg.rollout.n_samples}: every group of one sample is flat",
+                          "sample at least 2 per task (rollout.n_samples) or turn the filter off")
     sequences = cfg.trainer.rl.batch_size * cfg.rollout.n_samples
     mini = cfg.learner.mini_batch_size or sequences
     if sequences % mini:

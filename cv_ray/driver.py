@@ -6,6 +6,10 @@ own sub-configs; this module decides what runs when:
     pipeline = data -> sft -> rl -> eval
     one RL step = 1 rollout -> 2 reward -> 3 advantages -> 4 update -> 5 weight push -> 6 log
                   (+ evaluation and checkpoint on schedule)
+    one asynchronous RL step (trainer.rl.max_staleness >= 1, or trainer.rl.filter_flat_groups)
+                = 1 collect -> 2 advantages -> 3 update -> 4 weight push -> 5 log, while the rollout
+                  workers keep sampling the coming steps' groups within the staleness bound
+                  (AsyncRollouts here; the bookkeeping in cv_ray/async_rl.py)
 
 Run it through the `cv-ray` command (cv_ray/cli.py); `run(cfg)` is also callable from Python.
 """
@@ -15,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import time
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +30,10 @@ from typing import Any
 import numpy as np
 
 from cv_ray.actor_group import live_actors
+from cv_ray.async_rl import GroupLedger, ScoredGroup, Ticket
 from cv_ray.config import Config, as_dict, resolve_weight_sync, to_yaml, validate_resources
 from cv_ray.learner.checkpoint import DataPosition
+from cv_ray.learner.config import LearnerConfig
 from cv_ray.models import ModelRef, prepare_model
 from cv_ray.tracking import Tracker
 
@@ -33,6 +41,17 @@ log = logging.getLogger("cv_ray.driver")
 
 PIPELINE = ("data", "sft", "rl", "eval")
 CHECKPOINT_DONE = "COMPLETE"
+ASYNC_STATE = "async_state.pkl"
+MAX_GROUP_RETRIES = 5
+"""Resubmissions of one group after its rollout worker died before the run gives up."""
+MAX_FILTERED_BATCHES = 8
+"""Dynamic sampling gives up when one step has dropped this many batches' worth of flat groups."""
+RL_GROUPS = "rl_groups.jsonl"
+"""Asynchronous runs: one line per group a step trained on (its start order, task, versions, reward)."""
+ASYNC_TIS_CAP = 2.0
+"""The cap on the behaviour weight ``pi_proximal / pi_behaviour`` of the decoupled PPO loss when an
+asynchronous run leaves ``learner.loss.tis_cap`` at 0 (the truncation of Yao et al.'s TIS; AReaL's
+behaviour-weight cap plays the same part). docs/learner.md says why this correction."""
 
 
 @dataclass
@@ -274,6 +293,21 @@ def stage_sft(ctx: RunContext) -> dict[str, Any]:
     return {"model": str(out), "steps": steps, "final": {k: v for k, v in metrics.items() if k == "sft/loss"}}
 
 
+def streaming(cfg: Config) -> bool:
+    """Whether the RL stage runs the asynchronous (streaming) loop instead of the synchronous step."""
+    return cfg.trainer.rl.max_staleness > 0 or cfg.trainer.rl.filter_flat_groups
+
+
+def rl_learner_config(cfg: Config) -> LearnerConfig:
+    """The learner config of the RL stage. Unchanged unless batches may be off-policy (max_staleness >= 1)
+    with no truncation cap set: then the decoupled PPO loss needs one, :data:`ASYNC_TIS_CAP` (PPO's
+    ratio against the learner's own log-probs at the start of the step, each token weighted by
+    min(pi_proximal / pi_behaviour, cap); see cv_ray.learner.losses)."""
+    if cfg.trainer.rl.max_staleness == 0 or cfg.learner.loss.tis_cap > 0:
+        return cfg.learner
+    return replace(cfg.learner, loss=replace(cfg.learner.loss, tis_cap=ASYNC_TIS_CAP))
+
+
 def stage_rl(ctx: RunContext) -> dict[str, Any]:
     """GRPO from the SFT model (or the base model): the RL loop with evaluation and checkpoints."""
     from cv_ray.episode_groups import EpisodeGroups
@@ -287,8 +321,11 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
     val_tasks = _read_tasks(ctx, [ctx.data_dir / "rl_val.parquet"])
     sequences = cfg.trainer.rl.batch_size * cfg.rollout.n_samples
     updates_per_step = cfg.learner.ppo_epochs * (sequences // (cfg.learner.mini_batch_size or sequences))
-    log.info("rl: policy %s, %d tasks, %d steps x %d tasks x %d samples", policy, len(tasks), cfg.trainer.rl.steps,
-             cfg.trainer.rl.batch_size, cfg.rollout.n_samples)
+    learner_cfg = rl_learner_config(cfg)
+    log.info("rl: policy %s, %d tasks, %d steps x %d tasks x %d samples%s", policy, len(tasks), cfg.trainer.rl.steps,
+             cfg.trainer.rl.batch_size, cfg.rollout.n_samples,
+             f", asynchronous (max_staleness={cfg.trainer.rl.max_staleness}, tis_cap={learner_cfg.loss.tis_cap})"
+             if streaming(cfg) else "")
 
     model = ctx.model_ref(policy)
     sampler = BatchSampler(len(tasks), cfg.trainer.rl.batch_size, seed=cfg.trainer.seed)
@@ -296,26 +333,38 @@ def stage_rl(ctx: RunContext) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     rollout_cfg = resolve_weight_sync(cfg.rollout, cfg.learner)  # `auto` -> the path; engines start with its receiver
     with EpisodeGroups.start(model, rollout_cfg, cfg.sandbox, cfg.reward) as groups, \
-            LearnerGroup(model, cfg.learner, total_steps=cfg.trainer.rl.steps * updates_per_step,
+            LearnerGroup(model, learner_cfg, total_steps=cfg.trainer.rl.steps * updates_per_step,
                          seed=cfg.trainer.seed, temperature=cfg.rollout.temperature) as learner:
         weight_sync = make_weight_sync(rollout_cfg, learner, groups.rollout)  # phase 5's path, set up once
         reward_weights = groups.reward.weights()  # what the reward actors score with (a sweep's job's own)
         resumed = _resume(ctx, learner)
+        stream = None
         if resumed is not None:
             start_step, history = resumed["step"], resumed["history"]
             sampler.position = DataPosition(**resumed["data_position"])
-            weight_sync.sync()  # the engines still hold the pre-checkpoint weights
+            weight_sync.sync(version=start_step)  # the engines still hold the pre-checkpoint weights
         ctx.tracker.rewind("rl", start_step)  # each step shown once: forget logged steps this run does (again)
+        if streaming(cfg):
+            stream = AsyncRollouts(cfg, tasks, sampler, groups, weight_sync, start_step, _load_async_state(resumed))
+            stream.resubmit_in_flight()
+        elif resumed is not None and _load_async_state(resumed):
+            log.warning("resume: %s holds an asynchronous run's queued groups; this synchronous run does not "
+                        "train on them (their tasks are skipped)", resumed["_path"])
         for step in _progress(range(start_step, cfg.trainer.rl.steps), "rl", initial=start_step,
                               total=cfg.trainer.rl.steps):
-            batch = [tasks[i] for i in sampler.next()]
-            metrics = rl_step(ctx, step, batch, groups, learner, weight_sync)
+            if stream is None:
+                batch = [tasks[i] for i in sampler.next()]
+                metrics = rl_step(ctx, step, batch, groups, learner, weight_sync)
+            else:
+                metrics = rl_async_step(ctx, step, stream, learner)
             if _due(step, cfg.trainer.eval_every, cfg.trainer.rl.steps) and val_tasks:
+                if stream is not None:
+                    stream.wait_for_push()  # validate the newest weights, not those the engines held a moment ago
                 metrics.update(validation_rollouts(ctx, step, val_tasks, groups))
             history.append({k: v for k, v in metrics.items() if k in ("reward/total", "reward/correct", "eval/accuracy")})
             ctx.tracker.log(metrics, step=step, stage="rl")
             if _due(step, cfg.trainer.save_every, cfg.trainer.rl.steps):
-                _save(ctx, learner, step + 1, sampler.position, history)
+                _save(ctx, learner, step + 1, sampler.position, history, stream)
         out = learner.export_hf(ctx.work_dir / "rl_model")
     final = {k: v for k, v in metrics.items() if k.startswith(("reward/total", "eval/"))}
     return {"model": str(out), "steps": cfg.trainer.rl.steps, "history": history, "final": final,
@@ -328,7 +377,6 @@ def rl_step(ctx: RunContext, step: int, tasks: list, groups, learner, weight_syn
     from cv_ray.dashboard import RolloutSample
     from cv_ray.episode_groups import group_by_task
     from cv_ray.learner.advantages import compute_advantages
-    from cv_ray.learner.batch import rl_sample
 
     cfg = ctx.cfg
     timer = PhaseTimer()
@@ -346,7 +394,8 @@ def rl_step(ctx: RunContext, step: int, tasks: list, groups, learner, weight_syn
                 cfg.trainer.rl.advantage, [b.total for _, b in flat], [t.uid for t, _ in flat],
                 std_norm=cfg.trainer.rl.adv_std_norm)
         with timer("update"):  # 4. policy update (clipped loss + KL to the reference)
-            learner_metrics = learner.rl_step([rl_sample(t, a) for (t, _), a in zip(flat, advantages)])
+            samples, masked = _train_samples(cfg, [t for t, _ in flat], advantages)
+            learner_metrics = learner.rl_step(samples)
         with timer("weight_push"):  # 5. trainable weights to every rollout engine (cv_ray/weight_sync.py)
             push_metrics = weight_sync.sync()
     # 6. log (the caller writes the metrics; samples go to the dashboard now)
@@ -354,7 +403,269 @@ def rl_step(ctx: RunContext, step: int, tasks: list, groups, learner, weight_syn
     task_of = {t.uid: t for t in tasks}
     ctx.tracker.log_samples([RolloutSample.from_rollout(task_of[t.uid], t, b) for t, b in shown], step=step)
     return {**rollout_metrics, **reward_metrics, **adv_metrics, **_prefixed("learner", learner_metrics),
-            **push_metrics, **timer.seconds}
+            **push_metrics, **timer.seconds, **masked}
+
+
+def rl_async_step(ctx: RunContext, step: int, stream: AsyncRollouts, learner) -> dict[str, float]:
+    """One step of the asynchronous loop as numbered, timed phases. Returns every metric of the step.
+
+    The rollout workers never stop: while this step updates and pushes, they sample the groups of the
+    coming steps (as many as the staleness budget allows), and episodes in flight take the new weights
+    at their next turn. Phase 1 is the only one that waits on them.
+    """
+    from cv_ray.dashboard import RolloutSample
+    from cv_ray.learner.advantages import compute_advantages
+    from cv_ray.rollout.metrics import batch_metrics
+
+    cfg = ctx.cfg
+    timer = PhaseTimer()
+    with timer("step"):
+        with timer("collect"):  # 1. start groups within the budget, score each as it finishes, take B (earliest deadlines)
+            batch = stream.collect()
+        with timer("advantage"):  # 2. group-normalized advantages, one group per started group
+            flat = [(g, t, b) for g in batch for t, b in zip(g.trajectories, g.breakdowns)]
+            advantages, adv_metrics = compute_advantages(
+                cfg.trainer.rl.advantage, [b.total for _, _, b in flat], [str(g.ticket.seq) for g, _, _ in flat],
+                std_norm=cfg.trainer.rl.adv_std_norm)
+        with timer("update"):  # 3. decoupled PPO: ratio to the learner's own log-probs, weighted toward the sampler's
+            samples, masked = _train_samples(cfg, [t for _, t, _ in flat], advantages)
+            learner_metrics = learner.rl_step(samples)
+        with timer("weight_push"):  # 4. send (cv_ray/weight_sync.py); engines load between turns while step+1 collects
+            push_metrics = stream.push(stream.ledger.version + 1)
+    # 5. log (the caller writes the metrics; samples go to the dashboard, the step's groups to rl_groups.jsonl)
+    trajectories = [t for _, t, _ in flat]
+    shown = flat[: cfg.logger.samples_per_step]
+    ctx.tracker.log_samples([RolloutSample.from_rollout(g.task, t, b) for g, t, b in shown], step=step)
+    with (ctx.work_dir / RL_GROUPS).open("a") as out:
+        for g in batch:
+            out.write(json.dumps({"step": step, "seq": g.ticket.seq, "task_index": g.ticket.task_index,
+                                  "uid": g.task.uid, "started_version": g.ticket.version,
+                                  "oldest_version": g.oldest_version(),
+                                  "reward_mean": float(np.mean([b.total for b in g.breakdowns]))}) + "\n")
+    metrics = {**batch_metrics(trajectories, timer.seconds["time/collect_s"]),
+               **stream.groups.reward.metrics([g.breakdowns for g in batch]), **adv_metrics,
+               **_prefixed("learner", learner_metrics), **push_metrics, **timer.seconds,
+               **stream.step_metrics(batch, step, timer.seconds["time/step_s"], timer.seconds["time/collect_s"]),
+               **masked}
+    return metrics
+
+
+def _train_samples(cfg: Config, trajectories: list, advantages: list[float]) -> tuple[list, dict[str, float]]:
+    """The learner's samples of a step; with ``trainer.rl.mask_overlong`` those cut by a token limit train
+    no token (they still count in their group's advantages), counted as ``rollout/overlong_masked``."""
+    from cv_ray.async_rl import cut_by_token_budget
+    from cv_ray.learner.batch import rl_sample
+
+    samples = [rl_sample(t, a) for t, a in zip(trajectories, advantages)]
+    if not cfg.trainer.rl.mask_overlong:
+        return samples, {}
+    cut = [cut_by_token_budget(t) for t in trajectories]
+    samples = [replace(s, loss_mask=np.zeros_like(s.loss_mask)) if c else s for s, c in zip(samples, cut)]
+    return samples, {"rollout/overlong_masked": float(sum(cut))}
+
+
+class AsyncRollouts:
+    """The streaming side of the asynchronous loop: Ray calls in flight around the pure :class:`GroupLedger`.
+
+    One rollout call per group goes to the least-loaded rollout worker (``RolloutGroup.submit``, with
+    ``min_version`` = the group's start version); a finished group goes straight to a reward worker
+    (``RewardGroup.submit``); a scored group joins the ledger's queue (or, with
+    ``trainer.rl.filter_flat_groups``, is dropped when its rewards are all equal). Nothing here runs in
+    a thread: the actors work while the driver waits on the learner, and :meth:`collect` catches up.
+
+    Faults: a rollout worker that dies is restarted by Ray, which runs its calls in flight again there;
+    the restarted worker refuses the groups that need newer weights than its checkpoint's
+    (``WeightsBehindError``), and this class pushes it the current weights and submits those groups
+    again, to the other workers while the push is on its way. Completed groups live here, in the
+    driver, so none is lost. Sandbox executors retry calls elsewhere on their own.
+    """
+
+    def __init__(self, cfg: Config, tasks: list, sampler: BatchSampler, groups, weight_sync, version: int,
+                 saved: dict[str, Any] | None = None) -> None:
+        rl = cfg.trainer.rl
+        self.cfg, self.tasks, self.sampler, self.groups = cfg, tasks, sampler, groups
+        self.weight_sync = weight_sync
+        """The run's weight path (cv_ray/weight_sync.py): pushes are started here and awaited in :meth:`collect`."""
+        if saved is not None:
+            state = saved["ledger"]
+            if (state["batch_groups"], state["max_staleness"]) != (rl.batch_size, rl.max_staleness):
+                raise ValueError(f"the checkpoint's asynchronous state was written with trainer.rl.batch_size="
+                                 f"{state['batch_groups']} and max_staleness={state['max_staleness']}; resume with "
+                                 f"the same values (or from a checkpoint of a synchronous run)")
+            self.ledger = GroupLedger.from_state(state, rl.steps)
+            self.pending_tasks = deque(saved["pending_tasks"])
+        else:
+            self.ledger = GroupLedger(rl.batch_size, rl.max_staleness, rl.steps, version)
+            self.pending_tasks: deque[int] = deque()
+        self.rollouts: dict[Any, tuple[Ticket, Any]] = {}
+        """In flight on a rollout worker: ref -> (ticket, submission)."""
+        self.rewards: dict[Any, tuple[Ticket, list]] = {}
+        """Being scored: ref -> (ticket, trajectories)."""
+        self.pushes: dict[Any, int | None] = {}
+        """Weight loads (and the learner's sends) not yet confirmed: ref -> the worker it restores (None:
+        a push to every worker)."""
+        self._step = {"sampled_tokens": 0.0, "filtered": 0.0, "worker_failures": 0.0}
+        self._retries: Counter = Counter()
+        self._stale_before = self.ledger.counts.stale_dropped
+        self._busy = self._busy_seconds()
+
+    # ---------------------------------------------------------------------------------- submit
+
+    def resubmit_in_flight(self) -> None:
+        """Submit the restored ledger's in-flight groups again (first, in start order): a resumed run
+        regenerates what the checkpoint could not hold."""
+        for ticket in sorted(self.ledger.in_flight.values(), key=lambda t: t.seq):
+            self._submit(ticket)
+
+    def _submit(self, ticket: Ticket) -> None:
+        from cv_ray.agent.generation import mix_seeds
+
+        restoring = {worker for worker in self.pushes.values() if worker is not None}
+        # Seeded by (trainer.seed, the group's start order): a resubmitted group samples as it first did.
+        submission = self.groups.rollout.submit(self.tasks[ticket.task_index], self.cfg.rollout.n_samples,
+                                                min_version=ticket.version, avoid=restoring,
+                                                seed=mix_seeds(self.cfg.trainer.seed, "group", ticket.seq))
+        self.rollouts[submission.ref] = (ticket, submission)
+
+    def _start_groups(self) -> None:
+        while self.ledger.room() > 0:
+            if not self.pending_tasks:
+                self.pending_tasks.extend(self.sampler.next())
+            self._submit(self.ledger.start(self.pending_tasks.popleft()))
+
+    # --------------------------------------------------------------------------------- collect
+
+    def collect(self) -> list[ScoredGroup]:
+        """Keep the budget full and route what finishes (rollout -> reward -> queue) until the ledger
+        hands out the step's batch."""
+        import ray
+
+        while True:
+            self._start_groups()
+            batch = self.ledger.take_batch()
+            if batch is not None:
+                return batch
+            refs = [*self.rollouts, *self.rewards, *self.pushes]
+            if not refs:
+                raise RuntimeError("asynchronous loop: no batch and nothing in flight (a bookkeeping bug)")
+            ready, _ = ray.wait(refs, num_returns=1)
+            for ref in ready:
+                self._handle(ref)
+
+    def _handle(self, ref) -> None:
+        import ray
+
+        from cv_ray.actor_group import ACTOR_GONE
+        from cv_ray.async_rl import is_flat_group
+        from cv_ray.rollout.rollout_worker import WeightsBehindError
+
+        if ref in self.pushes:
+            worker = self.pushes.pop(ref)
+            try:
+                ray.get(ref)
+            except ACTOR_GONE as exc:  # the worker died while loading: its groups fail and are resubmitted
+                log.warning("a weight push did not reach rollout worker %s: %s", worker, type(exc).__name__)
+        elif ref in self.rollouts:
+            ticket, submission = self.rollouts.pop(ref)
+            self.groups.rollout.settled(submission)
+            try:
+                trajectories = ray.get(ref)
+            except (*ACTOR_GONE, WeightsBehindError) as exc:  # trust boundary: a rollout worker died or restarted
+                self._recover(submission.worker, ticket, exc)
+                return
+            self._step["sampled_tokens"] += sum(t.metrics.get("sampled_tokens", 0.0) for t in trajectories)
+            self.rewards[self.groups.reward.submit(self.tasks[ticket.task_index], trajectories)] = (ticket, trajectories)
+        else:
+            ticket, trajectories = self.rewards.pop(ref)
+            breakdowns = ray.get(ref)
+            keep = not (self.cfg.trainer.rl.filter_flat_groups and is_flat_group([b.total for b in breakdowns]))
+            self._step["filtered"] += not keep
+            if self._step["filtered"] > MAX_FILTERED_BATCHES * self.ledger.batch_groups:
+                raise RuntimeError(f"trainer.rl.filter_flat_groups: {int(self._step['filtered'])} groups in this step "
+                                   f"had equal rewards for all their samples (no signal), too few to fill a batch "
+                                   f"of {self.ledger.batch_groups}: the policy is too good or too bad on these "
+                                   f"tasks for GRPO. Turn the filter off, or change the tasks or rollout.n_samples")
+            self.ledger.finish(ScoredGroup(ticket, self.tasks[ticket.task_index], trajectories, breakdowns), keep)
+
+    def _recover(self, worker: int, ticket: Ticket, exc: BaseException) -> None:
+        """Ray restarted a worker from the checkpoint it started with: give it the newest weights (one push
+        at a time), and submit the refused (or lost) group again, elsewhere while that push is on its way
+        (its ticket, so its deadline, unchanged)."""
+        self._step["worker_failures"] += 1
+        self._retries[ticket.seq] += 1
+        if self._retries[ticket.seq] > MAX_GROUP_RETRIES:
+            raise RuntimeError(f"group {ticket.seq} (task {ticket.task_index}) was lost {MAX_GROUP_RETRIES + 1} times "
+                               f"by the rollout workers (last: {exc!r}); see the workers' logs") from exc
+        log.warning("rollout worker %d lost group %d (%s); resubmitting it", worker, ticket.seq, type(exc).__name__)
+        if self.ledger.version > 0 and worker not in self.pushes.values():  # version 0: the checkpoint's own
+            for ref in self.weight_sync.restore([worker], self.ledger.version):
+                self.pushes[ref] = worker
+        self._submit(ticket)
+
+    # ---------------------------------------------------------------------------------- weights
+
+    def push(self, version: int) -> dict[str, float]:
+        """Start sending the learner's weights as ``version`` to every worker (``WeightSync.start``), once
+        the previous push has landed (two loads in flight could land out of order), without waiting for
+        this one. Groups started from now on are tagged ``version``; workers start them only once they
+        hold it. Returns the ``weights/*`` metrics of the part done here (the loads finish while the
+        next step collects)."""
+        from cv_ray.weight_sync import push_metrics
+
+        self.wait_for_push()
+        push = self.weight_sync.start(version)
+        self.pushes.update({ref: None for ref in push.refs})
+        while self.ledger.version < version:
+            self.ledger.advance()
+        return push_metrics(self.weight_sync, push, version)
+
+    def wait_for_push(self) -> None:
+        """Return once every weight load issued so far has landed (or found its worker gone)."""
+        while self.pushes:
+            self._handle(next(iter(self.pushes)))
+
+    # ---------------------------------------------------------------------------------- metrics
+
+    def _busy_seconds(self) -> tuple[float, list[float]] | None:
+        """(now, every worker's cumulative seconds with an episode in flight), or None while one restarts."""
+        from cv_ray.actor_group import ACTOR_GONE
+
+        try:
+            return time.monotonic(), [h["busy_s"] for h in self.groups.rollout.health()]
+        except ACTOR_GONE:  # a worker is restarting: no idle figure for this step
+            return None
+
+    def step_metrics(self, batch: list[ScoredGroup], version: int, step_s: float, collect_s: float
+                     ) -> dict[str, float]:
+        """The ``async/*`` metrics of the step that consumed ``batch`` at ``version``."""
+        from cv_ray.async_rl import staleness_counts
+
+        metrics = {f"async/staleness/{s}": float(n) for s, n in sorted(staleness_counts(batch, version).items())}
+        metrics.update({
+            "async/queue_depth": float(len(self.ledger.ready)),
+            "async/in_flight": float(len(self.ledger.in_flight)),
+            "async/groups_filtered": self._step["filtered"],
+            "async/stale_dropped": float(self.ledger.counts.stale_dropped - self._stale_before),
+            "async/worker_failures": self._step["worker_failures"],
+            "async/learner_idle_frac": collect_s / step_s if step_s > 0 else 0.0,
+            "rollout/sampled_tokens_per_s": self._step["sampled_tokens"] / step_s if step_s > 0 else 0.0,
+        })
+        busy = self._busy_seconds()
+        if busy is not None and self._busy is not None and len(busy[1]) == len(self._busy[1]):
+            wall = busy[0] - self._busy[0]
+            worked = sum(max(0.0, b - a) for a, b in zip(self._busy[1], busy[1]))
+            if wall > 0:
+                metrics["async/rollout_idle_frac"] = max(0.0, 1.0 - worked / (wall * len(busy[1])))
+        self._busy = busy
+        self._stale_before = self.ledger.counts.stale_dropped
+        self._step = dict.fromkeys(self._step, 0.0)
+        return metrics
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict[str, Any]:
+        """The ledger (queued groups whole, groups in flight as tickets) and the tasks drawn but not started."""
+        return {"ledger": self.ledger.state_dict(), "pending_tasks": list(self.pending_tasks)}
 
 
 def validation_rollouts(ctx: RunContext, step: int, val_tasks: list, groups) -> dict[str, float]:
@@ -426,14 +737,24 @@ def _progress(iterable, desc: str, **kw):
     return tqdm(iterable, desc=desc, unit="step", dynamic_ncols=True, **kw)
 
 
-def _save(ctx: RunContext, learner, next_step: int, position: DataPosition, history: list) -> Path:
+def _save(ctx: RunContext, learner, next_step: int, position: DataPosition, history: list,
+          stream: AsyncRollouts | None = None) -> Path:
     path = ctx.work_dir / "checkpoints" / f"step_{next_step:06d}"
     state = {"step": next_step, "data_position": {"epoch": position.epoch, "batch": position.batch},
              "history": history}
     learner.save_checkpoint(path, state)
+    if stream is not None:  # the driver's own file (the learner ranks need none of it); our pickle, read back by us
+        (path / ASYNC_STATE).write_bytes(pickle.dumps(stream.state()))
     (path / CHECKPOINT_DONE).write_text(json.dumps(state["data_position"]))  # written last: the checkpoint is whole
     log.info("checkpoint: %s", path)
     return path
+
+
+def _load_async_state(resumed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The asynchronous state saved beside a resumed checkpoint, if any."""
+    if resumed is None or not (Path(resumed["_path"]) / ASYNC_STATE).exists():
+        return None
+    return pickle.loads((Path(resumed["_path"]) / ASYNC_STATE).read_bytes())
 
 
 def _resume(ctx: RunContext, learner) -> dict[str, Any] | None:
@@ -458,4 +779,4 @@ def _resume(ctx: RunContext, learner) -> dict[str, Any] | None:
             raise FileNotFoundError(f"trainer.resume={mode}: not a complete checkpoint (no {CHECKPOINT_DONE} file)")
     state = learner.load_checkpoint(path)
     log.info("resume: %s at step %d, data position %s", path, state["step"], state["data_position"])
-    return state
+    return {**state, "_path": str(path)}

@@ -167,6 +167,18 @@ class Trajectory:
     """``answer``, ``no_tool_call``, ``max_turns``, ``max_tokens`` or ``error``."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Per-trajectory timings and counts (generation seconds, tool seconds, ...)."""
+    token_versions: list[int] = field(default_factory=list)
+    """Per response token: the weight version of the engine that sampled it (one version per turn;
+    a later turn may come from newer weights), -1 on tokens that were not sampled (tool responses,
+    separators). Empty for a trajectory not produced by an engine."""
+
+    def oldest_version(self) -> int:
+        """The oldest weight version that sampled any token of this trajectory (what staleness is
+        measured from). Raises ValueError when no token carries a version."""
+        sampled = [v for v in self.token_versions if v >= 0]
+        if not sampled:
+            raise ValueError(f"trajectory {self.uid}/{self.sample_index} has no token with a weight version")
+        return min(sampled)
 
 
 @dataclass

@@ -4,6 +4,7 @@ The driver builds one from both groups and calls it in the RL step's weight-push
 
     weight_sync = make_weight_sync(cfg.rollout, learner, groups.rollout)   # the path; set up once
     metrics = weight_sync.sync()            # after each update: weights/bytes, weights/sync_s, weights/path/<p>
+    push = weight_sync.start(version)       # the asynchronous loop: the engines' loads as refs, not awaited
 
 Only trainable parameters travel (``requires_grad``; with ``learner.freeze_vision`` the vision tower
 never changes, and the engines loaded it from the same checkpoint as the learner). The path is
@@ -30,6 +31,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -54,6 +56,18 @@ def sync_metrics(path: str, metadata: Sequence[ParamMeta], engines: int, seconds
     if versions:
         metrics["weights/version"] = float(versions[0])
     metrics.update({f"weights/{key}": value for key, value in parts.items()})
+    return metrics
+
+
+def push_metrics(sync: WeightSync, push: Push, version: int) -> dict[str, float]:
+    """The metrics of a push started and not awaited (the asynchronous loop): what is sent, the path, the
+    version, and the seconds until the engines' loads were issued (``weights/issue_s``, with its parts);
+    the loads themselves overlap the next step's collection."""
+    nbytes = payload_bytes(sync.metadata)
+    metrics = {"weights/bytes": float(nbytes), "weights/tensors": float(len(sync.metadata)),
+               "weights/engines": float(sync.engines), "weights/issue_s": push.issued - push.started,
+               f"weights/path/{sync.path}": 1.0, "weights/version": float(version)}
+    metrics.update({f"weights/{key}": value for key, value in push.parts.items()})
     return metrics
 
 
@@ -87,8 +101,33 @@ def wait_all(refs: Sequence[ray.ObjectRef]) -> list[Any]:
     return [results[ref] for ref in refs]
 
 
+@dataclass
+class Push:
+    """A sync under way (:meth:`WeightSync.start`): what is still running, and what it cost so far."""
+
+    loads: list[ray.ObjectRef]
+    """Each engine's load; resolves to its new weight version."""
+    sends: list[ray.ObjectRef] = field(default_factory=list)
+    """The learner's side still running meanwhile (the NCCL broadcast)."""
+    started: float = 0.0
+    """``time.perf_counter()`` when the sync began."""
+    issued: float = 0.0
+    """When the engines' loads were issued (the learner's part before it: gather or export)."""
+    parts: dict[str, float] = field(default_factory=dict)
+    """Seconds of the parts done before the loads were issued (``gather_s``, ``export_s``)."""
+
+    @property
+    def refs(self) -> list[ray.ObjectRef]:
+        return [*self.loads, *self.sends]
+
+
 class WeightSync(abc.ABC):
-    """One weight path between a LearnerGroup and a RolloutGroup (the driver's phase 5)."""
+    """One weight path between a LearnerGroup and a RolloutGroup (the driver's weight-push phase).
+
+    :meth:`sync` sends and waits (the synchronous step); :meth:`start` sends without waiting for the
+    engines (the asynchronous loop, which routes the refs through its own wait); :meth:`restore` sends
+    the newest weights to restarted workers only.
+    """
 
     path: str
 
@@ -105,22 +144,46 @@ class WeightSync(abc.ABC):
         self.engines = len(self.rollout.health())
 
     @abc.abstractmethod
+    def start(self, version: int | None = None) -> Push:
+        """Begin sending the learner's current trainable weights to every engine; each takes ``version``
+        (default: its previous version + 1). Returns once the engines' loads are issued."""
+
     def sync(self, version: int | None = None) -> dict[str, float]:
-        """Send the learner's current trainable weights to every engine; each takes ``version`` (default:
-        its previous version + 1). Returns the sync's metrics."""
+        """Send and wait: returns the sync's metrics (``weights/*``)."""
+        push = self.start(version)
+        results = wait_all(push.refs)
+        done = time.perf_counter()
+        parts = {**push.parts, "load_s": done - push.issued} if push.parts else {}
+        return sync_metrics(self.path, self.metadata, self.engines, done - push.started,
+                            results[:len(push.loads)], **parts)
+
+    def restore(self, workers: Sequence[int], version: int) -> list[ray.ObjectRef]:
+        """Send the newest weights, as ``version``, to ``workers`` only (restarted by Ray from their
+        checkpoint); refs of their loads."""
+        raise RuntimeError(f"the {self.path} weight path cannot bring a restarted rollout worker up to date "
+                           f"(it would have to rejoin the transfer group): resume the run from its last "
+                           f"checkpoint, or use rollout.vllm.weight_sync=object_store")
 
 
 class ObjectStoreSync(WeightSync):
     path = "object_store"
 
-    def sync(self, version: int | None = None) -> dict[str, float]:
-        start = time.perf_counter()
-        ref = self.learner.gather_weights(trainable_only=True)
-        gathered = time.perf_counter()
-        versions = self.rollout.update_weights(ref, version)
-        done = time.perf_counter()
-        return sync_metrics(self.path, self.metadata, self.engines, done - start, versions,
-                            gather_s=gathered - start, load_s=done - gathered)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.newest: ray.ObjectRef | None = None
+        """The last weights gathered (in the object store): what a restarted worker is given."""
+
+    def start(self, version: int | None = None) -> Push:
+        started = time.perf_counter()
+        self.newest = self.learner.gather_weights(trainable_only=True)
+        issued = time.perf_counter()
+        return Push(self.rollout.push_weights(self.newest, version), started=started, issued=issued,
+                    parts={"gather_s": issued - started})
+
+    def restore(self, workers: Sequence[int], version: int) -> list[ray.ObjectRef]:
+        if self.newest is None:
+            raise RuntimeError("no weights were sent yet: nothing to restore a worker to")
+        return self.rollout.push_weights(self.newest, version, list(workers))
 
 
 class NcclSync(WeightSync):
@@ -141,13 +204,11 @@ class NcclSync(WeightSync):
                   self.learner.open_weight_sender(address, port, world_size, self.bucket_bytes)])
         self.update_info = update_info(self.metadata)
 
-    def sync(self, version: int | None = None) -> dict[str, float]:
-        start = time.perf_counter()
+    def start(self, version: int | None = None) -> Push:
+        started = time.perf_counter()
         receiving = self.rollout.receive_weights(self.update_info, version)  # each engine waits in NCCL
         sending = self.learner.broadcast_weights(self.metadata)
-        results = wait_all([*receiving, *sending])
-        return sync_metrics(self.path, self.metadata, self.engines, time.perf_counter() - start,
-                            results[:len(receiving)])
+        return Push(receiving, sending, started=started, issued=started)
 
 
 class IpcSync(WeightSync):
@@ -163,14 +224,12 @@ class IpcSync(WeightSync):
                                f"({learner_gpu}); engines elsewhere (worker, GPUs): {apart}. Fix: place them "
                                f"together (experiment=single_gpu) or set rollout.vllm.weight_sync=nccl")
 
-    def sync(self, version: int | None = None) -> dict[str, float]:
-        start = time.perf_counter()
+    def start(self, version: int | None = None) -> Push:
+        started = time.perf_counter()
         handles = self.learner.ipc_weight_handles()
-        exported = time.perf_counter()
-        versions = wait_all(self.rollout.receive_weights(handles, version))
-        done = time.perf_counter()
-        return sync_metrics(self.path, self.metadata, self.engines, done - start, versions,
-                            export_s=exported - start, load_s=done - exported)
+        issued = time.perf_counter()
+        return Push(self.rollout.receive_weights(handles, version), started=started, issued=issued,
+                    parts={"export_s": issued - started})
 
 
 SYNCS: dict[str, type[WeightSync]] = {"object_store": ObjectStoreSync, "nccl": NcclSync, "ipc": IpcSync}

@@ -31,6 +31,7 @@ FLOORS: list[str] = [
     "rollout", "learner",                  # engines and rollout actors; DeepSpeed ranks
     "config", "episode_groups", "cluster",  # the config tree; the sandbox/rollout/reward trio; Ray start-up
     "weight_sync",                         # the weight push between the learner and the rollout engines
+    "async_rl",                            # the asynchronous loop's bookkeeping (pure)
     "dashboard", "tracking",               # what a run shows
     "eval", "sweep",                       # benchmark runner; sweep summaries
     "driver", "cli",                       # the single controller and its entry point

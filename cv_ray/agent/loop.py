@@ -3,8 +3,10 @@
 Engine-agnostic and asynchronous: :meth:`AgentLoop.run_many` runs every sample of a batch as an
 asyncio task, so while one trajectory waits for the sandbox the others keep generating (and the
 engine batches whatever is waiting). Token accounting follows cv_ray.agent.chat: sampled ids are
-appended verbatim (mask 1, with their rollout log-probs), everything else is rendered by the chat
-template and appended with mask 0; earlier turns are never re-rendered.
+appended verbatim (mask 1, with their rollout log-probs and the weight version that sampled them),
+everything else is rendered by the chat template and appended with mask 0 (version -1); earlier
+turns are never re-rendered. Weights may change between two turns of an episode (asynchronous RL):
+each turn records its own version.
 
 Per turn: the model's text is parsed (cv_ray.agent.tool_parser); every tool-call block is answered
 by one tool message, in order (bad calls get an error message and a counted class; good calls run
@@ -57,6 +59,7 @@ class _Episode:
         self.response_ids: list[int] = []
         self.response_mask: list[int] = []
         self.logprobs: list[float] = []
+        self.versions: list[int] = []
         self.images: list[Image.Image] = list(task.images)
         self.model_images: list[Image.Image] = list(task.images)
         self.image_parent: list[int | None] = [None] * len(task.images)
@@ -69,10 +72,13 @@ class _Episode:
         self.tool_s = 0.0
         self.truncated_tool_response = False
 
-    def append(self, ids: list[int], sampled: bool, logprobs: list[float] | None = None) -> None:
+    def append(self, ids: list[int], sampled: bool, logprobs: list[float] | None = None, version: int = -1) -> None:
+        """Append ``ids``: sampled ones with their log-probs and the weight version that sampled them,
+        inserted ones (tool responses, separators) with mask 0, log-prob 0 and version -1."""
         self.response_ids += ids
         self.response_mask += [1 if sampled else 0] * len(ids)
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+        self.versions += [version if sampled else -1] * len(ids)
 
     def add_tool_image(self, image: Image.Image, parent: int, to_input: Any) -> int:
         self.images.append(image)
@@ -102,7 +108,7 @@ class _Episode:
             images=self.images, model_images=self.model_images, image_to_origin=self.image_to_origin,
             image_parent=self.image_parent, tool_calls=self.tool_calls, response_text="\n".join(self.texts),
             turn_texts=list(self.texts),
-            num_turns=self.num_turns, stop_reason=stop_reason, metrics=metrics,
+            num_turns=self.num_turns, stop_reason=stop_reason, metrics=metrics, token_versions=self.versions,
         )
 
 
@@ -177,7 +183,7 @@ class AgentLoop:
             (out,) = await self.engine.generate([request])
             ep.generation_s += time.perf_counter() - started
             ep.num_turns += 1
-            ep.append(out.token_ids, sampled=True, logprobs=out.logprobs)
+            ep.append(out.token_ids, sampled=True, logprobs=out.logprobs, version=out.weight_version)
             stopped = out.finish_reason == "stop"
             text = codec.decode(out.token_ids[:-1] if stopped else out.token_ids)
             ep.texts.append(text)

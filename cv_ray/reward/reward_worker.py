@@ -61,19 +61,27 @@ class RewardGroup(GroupShell):
         self.actors = ActorGroup(RewardWorker, cfg.num_workers, args=(cfg,), name="reward workers",
                                  options=lambda i: {"num_cpus": cfg.cpus_per_worker})
         self._last_stats: dict[str, int] = {}
+        self._submitted = 0
+
+    def submit(self, task: Task, trajectories: Sequence[Trajectory]) -> ray.ObjectRef:
+        """Score one task's group on the next worker (round robin); the ref resolves to its breakdowns.
+        The streaming RL loop scores each group as soon as its samples are done."""
+        workers = self.actors.actors
+        worker = workers[self._submitted % len(workers)]
+        self._submitted += 1
+        outcomes = [outcome_from_trajectory(t) for t in trajectories]
+        return worker.score_outcomes.remote(dataclasses.replace(task, images=[]), outcomes)
 
     def score(self, groups: Sequence[tuple[Task, Sequence[Trajectory]]]
               ) -> tuple[list[list[RewardBreakdown]], dict[str, float]]:
         """Breakdowns per group (in the order given) and metrics: the mean of every component
         (``reward/<name>``) and this call's judge and verdict counters."""
-        workers = self.actors.actors
-        refs = []
-        for index, (task, trajectories) in enumerate(groups):
-            outcomes = [outcome_from_trajectory(t) for t in trajectories]
-            worker = workers[index % len(workers)]
-            refs.append(worker.score_outcomes.remote(dataclasses.replace(task, images=[]), outcomes))
-        results: list[list[RewardBreakdown]] = ray.get(refs)
+        results: list[list[RewardBreakdown]] = ray.get([self.submit(task, trajs) for task, trajs in groups])
+        return results, self.metrics(results)
 
+    def metrics(self, results: Sequence[Sequence[RewardBreakdown]]) -> dict[str, float]:
+        """The mean of every component over ``results`` (``reward/<name>``) and the judge and verdict
+        counters since the previous call."""
         totals: dict[str, int] = {}
         for worker_stats in self.actors.get(self.actors.each(lambda worker: worker.stats.remote())):
             for key, value in worker_stats.items():
@@ -81,7 +89,7 @@ class RewardGroup(GroupShell):
         metrics = {f"reward/{k}": v for k, v in mean_breakdown([b for r in results for b in r]).items()}
         metrics.update({f"reward/{k}": float(v - self._last_stats.get(k, 0)) for k, v in totals.items()})
         self._last_stats = totals
-        return results, metrics
+        return metrics
 
     def weights(self) -> dict[str, float]:
         """The term weights the actors score with, read back from them (they all hold the same config)."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,3 +67,15 @@ class ScriptedEngine(Engine):
     def describe(self) -> dict[str, object]:
         return {"engine": "scripted", "turns": len(self.turn_ids), "seconds_per_token": self.seconds_per_token,
                 "weight_version": self.weight_version}
+
+
+@dataclass(frozen=True)
+class ScriptedEngineFactory:
+    """Builds a :class:`ScriptedEngine` inside a rollout worker: ``RolloutGroup(..., engine_factory=...)``
+    (a picklable stand-in for ``make_engine``, for the asynchronous loop's benchmark and tests)."""
+
+    turns: tuple[str, ...]
+    seconds_per_token: float = 0.0
+
+    def __call__(self, model: Any, cfg: Any, codec: ChatCodec) -> ScriptedEngine:
+        return ScriptedEngine(codec, self.turns, self.seconds_per_token)

@@ -14,7 +14,8 @@ Phases, each timed, on a local Ray (2 CPU cores are enough):
     3 SFT         the driver's SFT stage (cv_ray.driver.stage_sft) on the trajectories
     4 eval SFT
     5 RL          the driver's GRPO stage (cv_ray.driver.stage_rl: its canonical rl_step, dense reward,
-                  weight push), validating greedily on the held-out tasks every trainer.eval_every steps
+                  weight push; with trainer.rl.max_staleness=1 its asynchronous step), validating
+                  greedily on the held-out tasks every trainer.eval_every steps
     6 eval RL
     7 report      <run>/metrics.json and <run>/learning_curve.png
 
@@ -22,6 +23,7 @@ Run (the config is conf/experiment/learning_demo.yaml; any Hydra override may fo
 
     OMP_NUM_THREADS=1 .venv/bin/python examples/learning_demo/run.py
     OMP_NUM_THREADS=1 .venv/bin/python examples/learning_demo/run.py trainer.rl.steps=4 trainer.name=quick
+    OMP_NUM_THREADS=1 .venv/bin/python examples/learning_demo/run.py trainer.rl.max_staleness=1  # asynchronous RL
 
 Everything goes to runs/<trainer.name>/ (default runs/learning_demo/); a previous demo run there is
 replaced. Exit code 0 when the run finished (targets met or not: read metrics.json).
@@ -127,6 +129,26 @@ def _decoded_eval(groups, tasks: list, n: int, temperature: float) -> dict[str, 
         "temperature": temperature,
         "episodes": len(triples),
     }
+
+
+def _rl_timing(metrics_path: Path) -> dict[str, Any]:
+    """Per RL step wall seconds, and for an asynchronous run the staleness histogram (trajectories per
+    staleness, summed over steps) and the mean learner / rollout idle fractions (from metrics.jsonl)."""
+    if not metrics_path.exists():
+        return {}
+    rows = [row for row in map(json.loads, metrics_path.read_text().splitlines()) if row["stage"] == "rl"]
+    staleness: dict[str, float] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("async/staleness/"):
+                staleness[key.rsplit("/", 1)[1]] = staleness.get(key.rsplit("/", 1)[1], 0.0) + value
+    out: dict[str, Any] = {"step_s": [round(row["time/step_s"], 2) for row in rows]}
+    if staleness:
+        out["staleness_counts"] = staleness
+        for key in ("async/learner_idle_frac", "async/rollout_idle_frac"):
+            values = [row[key] for row in rows if key in row]
+            out[key.split("/")[1] + "_mean"] = round(float(np.mean(values)), 3) if values else None
+    return out
 
 
 def plot_curve(path: Path, reward_by_step: list[float], train_accuracy: list[float], eval_steps: list[int],
@@ -254,6 +276,7 @@ def main(overrides: list[str]) -> dict[str, Any]:
         "overrides": overrides,
         "live_actors_after": live_after,
         "evaluator_actors": evaluator.actor_count,
+        "rl_steps_timing": _rl_timing(tracker.metrics_path),
     }
     (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"run directory: {work_dir.resolve()}\n  metrics: {work_dir / 'metrics.json'}\n"
