@@ -22,6 +22,7 @@ SMALL = [
     "data.suites=[orientation]", "data.image_size=112", "trainer.rl.batch_size=2", "rollout.n_samples=2",
     "rollout.max_new_tokens_per_turn=24", "rollout.max_turns=2", "sandbox.num_executors=1", "reward.num_workers=1",
     "logger.backends=[jsonl]", "trainer.stage=rl", "trainer.rl.max_staleness=1", "trainer.eval_every=0",
+    "learner.mini_batch_size=0",
 ]
 
 
@@ -159,7 +160,7 @@ def test_a_rollout_worker_killed_mid_step_loses_no_group(ray_local, tiny_qwen25)
         flat = AsyncRollouts(cfg, tasks, BatchSampler(len(tasks), 2, seed=1), groups, weight_sync, version=4)
         with pytest.raises(RuntimeError, match="equal rewards"):
             flat.collect()
-        assert flat.ledger.counts.filtered > 8 * 2 and flat.ledger.counts.consumed == 0
+        assert flat.ledger.counts.filtered >= 8 * 2 and flat.ledger.counts.consumed == 0
     assert failures >= 1
     assert sorted(h["restarted"] for h in health) == [False, True]
     assert [h["weight_version"] for h in health] == [4, 4]

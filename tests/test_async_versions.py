@@ -54,10 +54,11 @@ def test_each_turn_records_the_version_that_sampled_it_across_an_update(tiny_qwe
 
     from cv_ray.agent.chat import ChatCodec
     from cv_ray.sandbox import SandboxPool
+    from cv_ray.sandbox.config import SandboxConfig
 
     codec = ChatCodec(AutoProcessor.from_pretrained(tiny_qwen25))
     engine = ScriptedEngine(codec, TURNS, seconds_per_token=1e-4)
-    with SandboxPool(workers=1, timeout_s=10.0) as pool:
+    with SandboxPool(SandboxConfig(workers_per_executor=1, timeout_s=10.0)) as pool:
         tools = UpdateDuringFirstCall(LocalToolRunner(pool), engine)
         loop = AgentLoop(engine, codec, tools, LoopSettings(max_turns=3))
         trajectories = asyncio.run(loop.run_many([noise_task("a"), noise_task("b")], n_samples=1))
