@@ -383,3 +383,43 @@ def _with_image(processor, sample, image):
     mask = np.concatenate([np.zeros(first + count), np.asarray(sample.loss_mask[last:])])
     return dataclasses.replace(sample, input_ids=np.asarray(new_ids), loss_mask=mask, images=[image])
 
+
+
+def test_truncated_importance_weights_against_the_pre_update_policy(ray_local, tiny_model_dirs):
+    """``loss.tis_cap`` (the asynchronous loop's correction) with two updates per step: every update's
+    ratio is taken against the policy as it was before the step (computed once, first), and each token
+    is weighted by min(pi_before / pi_sampler, cap). The sampler's log-probs are set 3x less likely than
+    the learner's on samples 0 and 2 (weight capped at 2) and 2x more likely on samples 1 and 3 (weight
+    0.5), so each update's ``tis_weight`` and ``tis_capped_frac`` are known from which samples its
+    mini-batch holds.
+
+    Mutant: no pre-pass (the second update takes the moved policy as its "before"): samples 1 and 3,
+    whose advantage is negative, then weigh 0.5 x (a ratio below 1) in the second update.
+    """
+    path = str(tiny_model_dirs["qwen2_5_vl"])
+    model = ModelRef(path, **BOUNDS)
+    cfg = LearnerConfig(num_ranks=1, zero_stage=0, lr=LR, micro_batch_size=2, mini_batch_size=2,
+                        warmup_ratio=0.0, lr_schedule="constant", loss=LossConfig(kl_coef=0.0, tis_cap=2.0))
+    with LearnerGroup(model, cfg, total_steps=10, seed=0) as group:
+        samples = make_samples(model.load_processor(), 4, seed=71, rl=True)
+        samples = [dataclasses.replace(s, uid=f"s{i}") for i, s in enumerate(samples)]
+        before = group.compute_logprobs(samples, "policy")
+        shift = [np.log(3.0), -np.log(2.0), np.log(3.0), -np.log(2.0)]
+        samples = [dataclasses.replace(s, rollout_logprobs=np.where(s.loss_mask > 0, lp - d, 0.0))
+                   for s, lp, d in zip(samples, before, shift)]
+        weight = {"s0": 2.0, "s1": 0.5, "s2": 2.0, "s3": 0.5}
+        batches: list[list] = []
+        run_update = group._run_update
+
+        def recording(update, batch):
+            batches.append(list(batch))
+            return run_update(update, batch)
+
+        group._run_update = recording
+        metrics = group.rl_step(samples)
+
+    assert metrics["rl/updates"] == 2 and len(batches) == 2
+    per_update = [_token_mean(b, [np.full(len(s.loss_mask), weight[s.uid]) for s in b]) for b in batches]
+    capped = [_token_mean(b, [np.full(len(s.loss_mask), float(weight[s.uid] == 2.0)) for s in b]) for b in batches]
+    assert metrics["rl/tis_weight"] == pytest.approx(np.mean(per_update), rel=1e-5)
+    assert metrics["rl/tis_capped_frac"] == pytest.approx(np.mean(capped), abs=1e-6)
