@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,14 @@ class WeightsBehindError(RuntimeError):
     """A restarted worker was asked to sample under weights it has not received."""
 
 
+def _was_restarted() -> bool:
+    """Whether Ray restarted this actor (``max_restarts``). Ray's own property reads its deprecated
+    ``actor_id`` and warns on every worker start; the warning is about Ray's code, not ours."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 @ray.remote
 class RolloutWorker:
     def __init__(self, model: ModelRef, cfg: RolloutConfig, sandbox_group: Any,
@@ -75,7 +84,7 @@ class RolloutWorker:
         self.busy_s = 0.0
         """Seconds during which at least one episode was in flight (the asynchronous loop's idle metric)."""
         self._busy_since = 0.0
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.restarted = _was_restarted()
         self.weights_received = 0
         self._new_weights = asyncio.Condition()
 
