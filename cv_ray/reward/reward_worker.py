@@ -63,20 +63,23 @@ class RewardGroup(GroupShell):
         self._last_stats: dict[str, int] = {}
         self._submitted = 0
 
-    def submit(self, task: Task, trajectories: Sequence[Trajectory]) -> ray.ObjectRef:
-        """Score one task's group on the next worker (round robin); the ref resolves to its breakdowns.
-        The streaming RL loop scores each group as soon as its samples are done."""
+    def submit(self, task: Task, trajectories: Sequence[Trajectory], worker: int | None = None) -> ray.ObjectRef:
+        """Score one task's group on worker ``worker`` (default: the next one, round robin); the ref
+        resolves to its breakdowns. The streaming RL loop scores each group as soon as its samples are done."""
         workers = self.actors.actors
-        worker = workers[self._submitted % len(workers)]
-        self._submitted += 1
+        if worker is None:
+            worker, self._submitted = self._submitted % len(workers), self._submitted + 1
         outcomes = [outcome_from_trajectory(t) for t in trajectories]
-        return worker.score_outcomes.remote(dataclasses.replace(task, images=[]), outcomes)
+        return workers[worker].score_outcomes.remote(dataclasses.replace(task, images=[]), outcomes)
 
     def score(self, groups: Sequence[tuple[Task, Sequence[Trajectory]]]
               ) -> tuple[list[list[RewardBreakdown]], dict[str, float]]:
         """Breakdowns per group (in the order given) and metrics: the mean of every component
-        (``reward/<name>``) and this call's judge and verdict counters."""
-        results: list[list[RewardBreakdown]] = ray.get([self.submit(task, trajs) for task, trajs in groups])
+        (``reward/<name>``) and this call's judge and verdict counters. Group ``i`` goes to worker
+        ``i % num_workers`` in every call, whatever was submitted before."""
+        n = len(self.actors)
+        results: list[list[RewardBreakdown]] = ray.get([self.submit(task, trajs, i % n)
+                                                        for i, (task, trajs) in enumerate(groups)])
         return results, self.metrics(results)
 
     def metrics(self, results: Sequence[Sequence[RewardBreakdown]]) -> dict[str, float]:
