@@ -68,6 +68,18 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def long_runs(request, ray_local, tmp_path_factory):
+    """The quickstart, the asynchronous run from its SFT model and the demo's smoke run, started together
+    (tests/long_runs.py); only those whose tests were collected."""
+    from long_runs import LongRuns, wanted_runs
+
+    runs = LongRuns(tmp_path_factory.mktemp("long_runs"), ray_local.get_runtime_context().gcs_address,
+                    wanted_runs(request.session.items))
+    yield runs
+    runs.close()
+
+
+@pytest.fixture(scope="session")
 def processors(tiny_qwen25, tiny_qwen3):
     """{family: processor} of both tiny architectures (the checkpoints' own image bounds)."""
     from transformers import AutoProcessor

@@ -4,34 +4,23 @@ Its phases run in order (data, the held-out evaluations of the base, SFT and RL 
 of actors that loads each next model's weights, the driver's SFT and RL stages), it writes
 ``metrics.json`` and the learning curve, and no actor outlives its phase. Whether SFT and GRPO teach
 the task is asserted by ``tests/test_quickstart.py``, which runs the same recipe shortened through
-``cv-ray`` (the default run); the demo's full run and its figures are in its README. The script joins
-the test session's Ray cluster (``RAY_ADDRESS``).
+``cv-ray`` (the default run); the demo's full run and its figures are in its README. The script runs
+in the background from the start of the session, beside the quickstart (tests/long_runs.py), joined
+to the session's Ray cluster.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "learning_demo" / "run.py"
-
-
-def test_the_demo_script_runs_its_phases_and_writes_its_report(ray_local, tmp_path):
-    overrides = [f"trainer.run_root={tmp_path}", "trainer.name=smoke", "data.num_rl_tasks=8", "data.num_val_tasks=4",
-                 "data.num_sft_trajectories=16", "trainer.sft.max_steps=4", "trainer.rl.steps=2",
-                 "trainer.eval_every=1", "rollout.n_samples=2", "learner.mini_batch_size=16"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    out = subprocess.run([sys.executable, str(DEMO), *overrides], check=False, capture_output=True, text=True,
-                         timeout=1200, env=env, cwd=tmp_path)
+def test_the_demo_script_runs_its_phases_and_writes_its_report(long_runs):
+    out = long_runs.result("demo")  # run.py with tests/long_runs.py's DEMO_SMOKE overrides
     assert out.returncode == 0, out.stderr[-4000:]
-    run = tmp_path / "smoke"
+    run = long_runs.demo_dir
     metrics = json.loads((run / "metrics.json").read_text())
     for stage in ("base", "sft", "rl"):
         for kind in ("greedy", "sampled"):

@@ -3,9 +3,10 @@
 The first five minutes of a new user: data of the learning demo's task, SFT (100 steps) that teaches
 the tool-call format and the fix, 8 GRPO steps on upright images whose reward must be non-zero with
 tool calls in every step and rise, and an evaluation where the trained models beat the base model with
-tools, closed by the summary table. The run joins the test session's Ray cluster (``RAY_ADDRESS``);
-everything else is the default configuration. Beside it, from its SFT model once SFT is done, the
-asynchronous loop trains on the same tasks (issue 19's shortened learning test).
+tools, closed by the summary table. Beside it, from its SFT model once SFT is done, the asynchronous
+loop trains on the same tasks (issue 19's shortened learning test). Both run in the background from
+the start of the session with the demo's smoke run (tests/long_runs.py), joined to the session's Ray
+cluster; everything else is the default configuration.
 
 The reward rise is asserted as the learning demo's CI test did when it ran this recipe (8 upright
 tasks x 16 samples, 30% warm-up): the median of the last 3 steps against step 0, with a margin of 0.35
@@ -19,84 +20,19 @@ needs, conf/experiment/quickstart.yaml); measured on 2026-11-30: 1.16 1.36 1.57 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from long_runs import ASYNC_STEPS
 
 pytestmark = pytest.mark.slow
 
-CV_RAY = str(Path(sys.executable).with_name("cv-ray"))
-
-
-ASYNC_STEPS = 10
-
-
-@dataclass
-class Runs:
-    """The quickstart run and the asynchronous RL run started from its SFT model."""
-
-    quickstart: Path
-    stdout: str
-    asynchronous: Path
-    async_result: subprocess.CompletedProcess
-
-
-def _sft_done(run: Path) -> bool:
-    """The driver rewrites summary.json after each stage; "sft" in it means sft_model/ is complete."""
-    try:
-        return "sft" in json.loads((run / "summary.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
-        return False
-
-
 @pytest.fixture(scope="module")
-def runs(ray_local, tmp_path_factory) -> Runs:
-    """``cv-ray`` with no arguments; once its SFT stage is done, the asynchronous RL run from its SFT
-    model starts beside it (it needs nothing else of the quickstart run, and two runs fill the 2 cores
-    better than one after the other: about a minute less of suite time)."""
-    root = tmp_path_factory.mktemp("quickstart")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    run, logs = root / "quickstart", {name: (root / f"{name}.out", root / f"{name}.err") for name in ("qs", "async")}
-
-    def start(name: str, args: list[str]) -> subprocess.Popen:
-        out, err = logs[name]
-        with out.open("w") as stdout, err.open("w") as stderr:
-            return subprocess.Popen(args, stdout=stdout, stderr=stderr, text=True, env=env, cwd=root)
-
-    quick = start("qs", [CV_RAY, f"trainer.run_root={root}"])
-    deadline = time.monotonic() + 1500
-    while not _sft_done(run) and quick.poll() is None and time.monotonic() < deadline:
-        time.sleep(1.0)
-    second = None
-    if _sft_done(run):
-        second = start("async", [
-            CV_RAY, f"trainer.run_root={root}", "trainer.name=quickstart_async", "trainer.stage=rl",
-            f"model.path={run / 'sft_model'}", f"data.dir={run / 'data'}", "trainer.rl.max_staleness=1",
-            f"trainer.rl.steps={ASYNC_STEPS}"])
-    try:
-        quick.wait(timeout=max(1.0, deadline - time.monotonic()))
-        if second is not None:
-            second.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for process in (quick, second):
-            if process is not None and process.poll() is None:
-                process.kill()
-    assert quick.returncode == 0, logs["qs"][1].read_text()[-4000:]
-    assert second is not None, "the quickstart's SFT stage never finished"
-    result = subprocess.CompletedProcess(second.args, second.returncode, logs["async"][0].read_text(),
-                                         logs["async"][1].read_text())
-    return Runs(run, logs["qs"][0].read_text(), root / "quickstart_async", result)
-
-
-@pytest.fixture(scope="module")
-def quickstart(runs: Runs) -> tuple[Path, str]:
-    return runs.quickstart, runs.stdout
+def quickstart(long_runs) -> tuple[Path, str]:
+    out = long_runs.result("quickstart")
+    assert out.returncode == 0, out.stderr[-4000:]
+    return long_runs.quickstart_dir, out.stdout
 
 
 def _rl_rows(run: Path) -> list[dict]:
@@ -132,7 +68,7 @@ def test_trained_models_beat_the_base_model_and_the_run_ends_with_its_summary(qu
     assert (run / "eval" / "comparison.md").exists() and (run / "eval" / "report.md").exists()
 
 
-def test_asynchronous_rl_from_the_quickstart_sft_model_raises_the_reward(runs):
+def test_asynchronous_rl_from_the_quickstart_sft_model_raises_the_reward(long_runs):
     """RL from the quickstart's SFT model on its tasks, asynchronous (``trainer.rl.max_staleness=1``, the
     README's one override): the reward rises, every trained trajectory is at most one version stale, and
     the off-policy correction is on.
@@ -143,9 +79,9 @@ def test_asynchronous_rl_from_the_quickstart_sft_model_raises_the_reward(runs):
     instead of 8: steps 0 and 1 both sample the SFT policy (step 1's groups start while step 0
     updates), whose mean is the baseline. Mutants: a loop that never pushes new weights to the rollout
     engines (the reward cannot rise); a staleness bound that is not kept (histogram keys above 1)."""
-    out, steps = runs.async_result, ASYNC_STEPS
+    out, steps = long_runs.result("async"), ASYNC_STEPS
     assert out.returncode == 0, out.stderr[-4000:]
-    rl = _rl_rows(runs.asynchronous)
+    rl = _rl_rows(long_runs.async_dir)
     reward = [row["reward/total"] for row in rl]
     assert len(reward) == steps
     assert float(np.median(reward[-3:])) > np.mean(reward[:2]) + 0.35, \
@@ -154,4 +90,5 @@ def test_asynchronous_rl_from_the_quickstart_sft_model_raises_the_reward(runs):
     assert stale <= {"async/staleness/0", "async/staleness/1"} and "async/staleness/1" in stale
     assert all(row["learner/rl/tis_weight"] > 0 and row["async/stale_dropped"] == 0 for row in rl)
     assert all(row["weights/path/object_store"] == 1 for row in rl)
-    assert (runs.asynchronous / "rl_model" / "model.safetensors").exists()
+    assert (long_runs.async_dir / "rl_model" / "model.safetensors").exists()
+    assert json.loads((long_runs.async_dir / "summary.json").read_text())["rl"]["live_actors_after"] == 0
