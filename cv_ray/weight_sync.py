@@ -43,32 +43,35 @@ from cv_ray.rollout.config import RolloutConfig
 NCCL_BUFFERS = 2
 
 
-def sync_metrics(path: str, metadata: Sequence[ParamMeta], engines: int, seconds: float,
-                 versions: Sequence[int], **parts: float) -> dict[str, float]:
-    """The metrics of one sync: bytes and tensors of one engine's payload, wall seconds, the path taken
-    (``weights/path/<path>`` = 1) and the engines' new weight version (they must agree)."""
-    if len(set(versions)) > 1:
-        raise RuntimeError(f"rollout engines report different weight versions after a sync: {list(versions)}")
-    nbytes = payload_bytes(metadata)
-    metrics = {"weights/bytes": float(nbytes), "weights/tensors": float(len(metadata)), "weights/engines": float(engines),
-               "weights/sync_s": seconds, "weights/gb_per_s": nbytes / seconds / 1e9 if seconds > 0 else 0.0,
-               f"weights/path/{path}": 1.0}
-    if versions:
-        metrics["weights/version"] = float(versions[0])
+def payload_metrics(path: str, metadata: Sequence[ParamMeta], engines: int, **parts: float) -> dict[str, float]:
+    """What a push sends, whether or not it is awaited: bytes and tensors of one engine's payload, the
+    engines, the path taken (``weights/path/<path>`` = 1) and the seconds of its parts (``weights/<part>``)."""
+    metrics = {"weights/bytes": float(payload_bytes(metadata)), "weights/tensors": float(len(metadata)),
+               "weights/engines": float(engines), f"weights/path/{path}": 1.0}
     metrics.update({f"weights/{key}": value for key, value in parts.items()})
     return metrics
 
 
-def push_metrics(sync: WeightSync, push: Push, version: int) -> dict[str, float]:
-    """The metrics of a push started and not awaited (the asynchronous loop): what is sent, the path, the
-    version, and the seconds until the engines' loads were issued (``weights/issue_s``, with its parts);
-    the loads themselves overlap the next step's collection."""
-    nbytes = payload_bytes(sync.metadata)
-    metrics = {"weights/bytes": float(nbytes), "weights/tensors": float(len(sync.metadata)),
-               "weights/engines": float(sync.engines), "weights/issue_s": push.issued - push.started,
-               f"weights/path/{sync.path}": 1.0, "weights/version": float(version)}
-    metrics.update({f"weights/{key}": value for key, value in push.parts.items()})
+def sync_metrics(path: str, metadata: Sequence[ParamMeta], engines: int, seconds: float,
+                 versions: Sequence[int], **parts: float) -> dict[str, float]:
+    """The metrics of one awaited sync: :func:`payload_metrics`, wall seconds and throughput, and the
+    engines' new weight version (they must agree)."""
+    if len(set(versions)) > 1:
+        raise RuntimeError(f"rollout engines report different weight versions after a sync: {list(versions)}")
+    metrics = payload_metrics(path, metadata, engines, **parts)
+    metrics["weights/sync_s"] = seconds
+    metrics["weights/gb_per_s"] = metrics["weights/bytes"] / seconds / 1e9 if seconds > 0 else 0.0
+    if versions:
+        metrics["weights/version"] = float(versions[0])
     return metrics
+
+
+def push_metrics(sync: WeightSync, push: Push, version: int) -> dict[str, float]:
+    """The metrics of a push started and not awaited (the asynchronous loop): :func:`payload_metrics`, the
+    version, and the seconds until the engines' loads were issued (``weights/issue_s``); the loads
+    themselves overlap the next step's collection."""
+    return {**payload_metrics(sync.path, sync.metadata, sync.engines, **push.parts),
+            "weights/issue_s": push.issued - push.started, "weights/version": float(version)}
 
 
 def nccl_layout(tensor_parallel_sizes: Sequence[int], master_address: str, master_port: int,
